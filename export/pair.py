@@ -1,0 +1,153 @@
+"""`mtad-trt export`: a draft and a target model -> one self-describing engine folder.
+
+Atomic: everything is written into a hidden temporary folder beside the destination and renamed
+into place only after both graphs passed `onnx.checker` and the parity check. Models are loaded,
+exported and freed one at a time so the default pair fits in 24 GB of RAM.
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import onnx
+
+import mtad_trt
+from mtad_trt.errors import MtadError
+from mtad_trt.manifest import Manifest, ModelSpec, RoleEntry, sha256_file
+from mtad_trt.export import sources
+from mtad_trt.export.onnx_export import export_onnx
+from mtad_trt.export.parity import check_parity
+
+Progress = Callable[[str], None]
+
+
+def model_spec(model, dtype: str, max_seq_len: int) -> ModelSpec:
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    limit = getattr(cfg, "max_position_embeddings", None) or max_seq_len
+    return ModelSpec(
+        num_layers=cfg.num_hidden_layers,
+        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        vocab_size=model.get_output_embeddings().out_features,
+        dtype=dtype,
+        max_seq_len=min(max_seq_len, limit),
+        architecture=type(model).__name__,
+    )
+
+
+def _check_destination(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise MtadError(f"{out} already exists (use --force to replace it)")
+    parent = out.parent if out.parent != Path("") else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MtadError(f"cannot create {parent}: {e.strerror}") from None
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise MtadError(f"cannot write into {parent}: {e.strerror}") from None
+
+
+def export_role(src: sources.Source, folder: Path, role: str, dtype: str, max_seq_len: int, opset: int, say: Progress) -> RoleEntry:
+    from mtad_trt.backends.ort import OrtEngine
+
+    t0 = time.perf_counter()
+    say(f"{role}: loading {src.path}")
+    model = sources.load_model(src, dtype)
+    spec = model_spec(model, dtype, max_seq_len)
+    onnx_path = folder / role / "model.onnx"
+    say(f"{role}: exporting {spec.architecture} ({spec.num_layers} layers, vocab {spec.vocab_size}) to ONNX")
+    try:
+        export_onnx(model, spec, onnx_path, opset=opset)
+    except MtadError:
+        raise
+    except Exception as e:
+        raise MtadError(f"{role}: ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+    onnx.checker.check_model(str(onnx_path))  # path form: works with external data
+    say(f"{role}: parity check against transformers")
+    engine = OrtEngine(onnx_path, spec, threads=1)
+    parity = check_parity(model, engine, spec.vocab_size)
+    engine.close()
+    del model, engine
+    gc.collect()
+    if not parity["passed"]:
+        raise MtadError(
+            f"{role}: parity check failed: max |Δlogits| {parity['worst']:.3g} > {parity['tolerance']:.3g} "
+            f"({parity['max_abs_diff']})"
+        )
+    say(f"{role}: done in {time.perf_counter() - t0:.1f}s (max |Δlogits| {parity['worst']:.2e})")
+    source = src.describe()
+    if src.kind == "gguf":
+        source["sha256"] = sha256_file(src.path)
+    return RoleEntry(
+        spec=spec,
+        onnx=f"{role}/model.onnx",
+        onnx_sha256=sha256_file(onnx_path),
+        source=source,
+        parity=parity,
+    )
+
+
+def export_pair(
+    draft: str | None,
+    target: str,
+    out: str | Path,
+    max_seq_len: int = 2048,
+    dtype: str = "float32",
+    opset: int = 18,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> Manifest:
+    say = progress or (lambda msg: None)
+    out = Path(out)
+    if opset < 18:
+        raise MtadError(f"opset {opset} is too old: the contract needs opset >= 18")
+    _check_destination(out, force)
+    srcs = {"target": sources.resolve(target)}
+    if draft is not None:
+        srcs["draft"] = sources.resolve(draft)
+    toks = {role: sources.load_tokenizer(src) for role, src in srcs.items()}
+    if draft is not None:
+        why = sources.tokenizer_difference(toks["draft"], toks["target"])
+        if why:
+            raise MtadError(f"draft and target tokenizers differ: {why}; they must share one tokenizer")
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        tok = toks["target"]
+        tok.save_pretrained(str(tmp / "tokenizer"))
+        roles = {}
+        for role in ("draft", "target"):
+            if role in srcs:
+                roles[role] = export_role(srcs[role], tmp, role, dtype, max_seq_len, opset, say)
+        eos = tok.eos_token_id
+        manifest = Manifest(
+            roles=roles,
+            mtad_trt_version=mtad_trt.__version__,
+            eos_token_ids=[int(eos)] if eos is not None else [],
+            pad_token_id=tok.pad_token_id,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            export_settings={"dtype": dtype, "opset": opset, "max_seq_len": max_seq_len},
+        )
+        manifest.save(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+        return manifest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

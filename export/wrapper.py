@@ -1,0 +1,102 @@
+"""The contract wrapper: a Hugging Face causal LM as one function of the graph contract.
+
+    (input_ids, position_ids, attention_mask[bool], logits_index, *past) -> (logits, *new_kv)
+
+Both the ONNX export and the torch backend run this same module, so the torch backend is also the
+parity reference for every other backend. No model is re-implemented: the wrapper calls the HF
+model's own decoder stack with a cache object built from the flat past tensors, a fully
+specified 4-D mask, and explicit positions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, DynamicCache
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+ATTN_NAME = "mtad_grouped"
+
+
+def grouped_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Grouped-query attention without materialising K/V per query head.
+
+    HF's eager path repeats K/V `num_key_value_groups` times (`repeat_kv`) before the matmuls; in
+    an exported graph that is a real copy of the whole cache every step. Here the query heads are
+    folded onto their KV head instead ([B, Hkv, G*T, D]) and the mask is broadcast over groups.
+    Mathematically identical to eager attention.
+    """
+    b, h, t, d = query.shape
+    hkv = key.shape[1]
+    g = h // hkv
+    q = query.reshape(b, hkv, g * t, d)
+    w = torch.matmul(q, key.transpose(2, 3)) * scaling  # [B, Hkv, G*T, S+T]
+    if attention_mask is not None:
+        w = w.view(b, hkv, g, t, -1) + attention_mask.unsqueeze(2)  # mask [B,1,T,S+T] -> [B,1,1,T,S+T]
+        w = w.view(b, hkv, g * t, -1)
+    w = torch.softmax(w, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(w, value)  # [B, Hkv, G*T, D]
+    out = out.view(b, h, t, d).transpose(1, 2).contiguous()
+    return out, None
+
+
+AttentionInterface.register(ATTN_NAME, grouped_attention)
+# The model keeps working outside the wrapper too (2-D masks get eager's additive causal mask).
+AttentionMaskInterface.register(ATTN_NAME, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+
+
+def _cache_keyword(model: nn.Module) -> str:
+    """transformers 5.x renamed `past_key_values=` to `cache=` (the old name goes in 5.40)."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+class ContractWrapper(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        cfg = model.config
+        self.num_layers = cfg.num_hidden_layers
+        self.decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        self.lm_head = model.get_output_embeddings()
+        self.cache_kw = _cache_keyword(self.decoder)
+        cfg._attn_implementation = ATTN_NAME  # our grouped eager attention, exportable
+        self.mask_dtype = next(model.parameters()).dtype
+
+    def forward(self, input_ids, position_ids, attention_mask, logits_index, *past):
+        t = input_ids.shape[1]
+        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)]
+        cache = DynamicCache(ddp_cache_data=pairs, config=self.model.config)
+        # Eager attention *adds* the mask: use finfo.min, not -inf (an all -inf row would be NaN).
+        additive = torch.where(
+            attention_mask,
+            torch.zeros((), dtype=self.mask_dtype),
+            torch.full((), torch.finfo(self.mask_dtype).min, dtype=self.mask_dtype),
+        )
+        out = self.decoder(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=additive,
+            use_cache=True,
+            **{self.cache_kw: cache},
+        )
+        hidden = out.last_hidden_state  # [B, T, H]
+        idx = logits_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+        picked = torch.gather(hidden, 1, idx)  # [B, K, H]: the LM head runs only where asked
+        logits = self.lm_head(picked).float()
+        new = []
+        for layer in cache.layers:
+            new.append(layer.keys[:, :, -t:, :])
+            new.append(layer.values[:, :, -t:, :])
+        return (logits, *new)
+
+
+def io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    inputs = ["input_ids", "position_ids", "attention_mask", "logits_index"]
+    outputs = ["logits"]
+    for i in range(num_layers):
+        inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        outputs += [f"new_key_values.{i}.key", f"new_key_values.{i}.value"]
+    return inputs, outputs

@@ -1,0 +1,25 @@
+"""User-facing errors.
+
+Everything the CLI, the server and the Python API refuse on purpose raises `MtadError` (or a
+subclass) with a one-line message that says what is wrong and what to do. The CLI prints the
+message and exits non-zero; the server maps it to an OpenAI-style error body. A traceback means a
+bug, never bad input.
+"""
+
+from __future__ import annotations
+
+
+class MtadError(Exception):
+    """A refusal with a message meant for the user."""
+
+
+class CapacityError(MtadError):
+    """The request does not fit the engine's KV-cache capacity."""
+
+
+class BackendUnavailable(MtadError):
+    """The requested backend (TensorRT, CUDA, ...) is not installed or has no device."""
+
+
+class EngineFolderError(MtadError):
+    """The engine folder is missing, incomplete, or was built for another version/GPU."""
