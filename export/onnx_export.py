@@ -13,8 +13,8 @@ from pathlib import Path
 import onnx
 import torch
 
-from mtad_trt.manifest import ModelSpec
 from mtad_trt.export.wrapper import ContractWrapper, io_names
+from mtad_trt.manifest import ModelSpec
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -81,7 +81,7 @@ def _rename_dims(path: Path, spec: ModelSpec) -> None:
         want = names.get(vi.name)
         if want is None:
             continue
-        for dim, w in zip(vi.type.tensor_type.shape.dim, want):
+        for dim, w in zip(vi.type.tensor_type.shape.dim, want, strict=False):
             if isinstance(w, str):
                 dim.ClearField("dim_value")
                 dim.dim_param = w

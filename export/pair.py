@@ -19,10 +19,10 @@ import onnx
 
 import mtad_trt
 from mtad_trt.errors import MtadError
-from mtad_trt.manifest import Manifest, ModelSpec, RoleEntry, sha256_file
 from mtad_trt.export import sources
 from mtad_trt.export.onnx_export import export_onnx
 from mtad_trt.export.parity import check_parity
+from mtad_trt.manifest import Manifest, ModelSpec, RoleEntry, sha256_file
 
 Progress = Callable[[str], None]
 

@@ -67,10 +67,10 @@ class HostKVCache:
             return
         if len(src) == 1:
             s, t = int(src[0]), int(dst[0])
-            for cache, new in zip(self.views, new_kv):
+            for cache, new in zip(self.views, new_kv, strict=False):
                 cache[row, :, t, :] = new[row, :, s, :]
             return
-        for cache, new in zip(self.views, new_kv):
+        for cache, new in zip(self.views, new_kv, strict=False):
             cache[row, :, dst, :] = new[row, :, src, :]
 
     def move(self, row: int, src: np.ndarray, dst: np.ndarray) -> None:

@@ -102,9 +102,9 @@ class OrtEngine:
         bind.clear_binding_outputs()
         # Bound by pointer: the arrays must be contiguous and stay alive until the run returns.
         held = [np.ascontiguousarray(a) for a in (inputs.input_ids, inputs.position_ids, inputs.attention_mask, inputs.logits_index)]
-        for name, arr in zip(("input_ids", "position_ids", "attention_mask", "logits_index"), held):
+        for name, arr in zip(("input_ids", "position_ids", "attention_mask", "logits_index"), held, strict=False):
             bind.bind_input(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
-        for (in_name, out_name), cache, new in zip(self.spec.kv_names, self.cache.views[: len(new_kv)], new_kv):
+        for (in_name, out_name), cache, new in zip(self.spec.kv_names, self.cache.views[: len(new_kv)], new_kv, strict=False):
             bind.bind_input(in_name, "cpu", 0, cache.dtype, cache.shape, cache.ctypes.data)
             bind.bind_output(out_name, "cpu", 0, new.dtype, new.shape, new.ctypes.data)
         bind.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)

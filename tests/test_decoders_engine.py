@@ -1,0 +1,89 @@
+"""Decoders on real exported (tiny) engines, against transformers as the independent reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+PROMPTS = ["def fib(n):", "The quick brown fox", "import numpy as np\n"]
+
+
+@pytest.fixture(scope="module")
+def hf_target(qwen_target):
+    return AutoModelForCausalLM.from_pretrained(str(qwen_target), dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_ar_greedy_equals_transformers(pair_pipeline, hf_target, prompt):
+    ids = pair_pipeline.encode(prompt)
+    with torch.no_grad():
+        ref = hf_target.generate(torch.tensor([ids]), max_new_tokens=30, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0)[0, len(ids):].tolist()
+    out = pair_pipeline.generate(ids, decoder="ar", temperature=0, max_new_tokens=30, ignore_eos=True)
+    assert out.token_ids == ref
+
+
+@pytest.mark.parametrize("decoder", ["sps", "mtad", "mmtad"])
+@pytest.mark.parametrize("gamma,beam", [(1, 1), (3, 2), (4, 4)])
+def test_greedy_speculative_equals_ar(pair_pipeline, decoder, gamma, beam):
+    """P1 on real graphs: the cache slots, compaction and masks must all be right for this to hold."""
+    for prompt in PROMPTS[:2]:
+        ref = pair_pipeline.generate(prompt, decoder="ar", temperature=0, max_new_tokens=40, ignore_eos=True)
+        out = pair_pipeline.generate(prompt, decoder=decoder, temperature=0, max_new_tokens=40, ignore_eos=True,
+                                     gamma=gamma, beam_width=beam, threshold=0.5)
+        assert out.token_ids == ref.token_ids
+
+
+@pytest.mark.parametrize("decoder", ["mtad", "mmtad", "sps"])
+def test_self_draft_accepts_all_on_real_graphs(self_pipeline, decoder):
+    """P4: draft ≡ target; incremental vs parallel forwards differ only by float noise (τ=0.99)."""
+    out = self_pipeline.generate("def fib(n):", decoder=decoder, temperature=1.0, top_k=10, top_p=0.9, seed=0,
+                                 max_new_tokens=41, gamma=4, beam_width=3, threshold=0.99, ignore_eos=True)
+    s = out.stats
+    assert s.acceptance_rate == 1.0
+    assert s.generated_tokens == 41 and s.target_calls == s.iterations == 9  # 5 tokens per target call
+
+
+def test_greedy_equals_ar_across_bucket_growth(pair_pipeline):
+    """Crossing the 128-slot bucket boundary re-lays the cache out; output must not change."""
+    prompt = "Once upon a time " * 12
+    ref = pair_pipeline.generate(prompt, decoder="ar", temperature=0, max_new_tokens=100, ignore_eos=True)
+    assert pair_pipeline.target.engine.capacity == 256
+    out = pair_pipeline.generate(prompt, decoder="mmtad", temperature=0, max_new_tokens=100, ignore_eos=True)
+    assert out.token_ids == ref.token_ids
+
+
+def test_stop_strings_and_eos(pair_pipeline):
+    full = pair_pipeline.generate("def fib(n):", decoder="ar", temperature=0, max_new_tokens=30, ignore_eos=True)
+    stop = full.text[5:8]
+    assert stop
+    cut = pair_pipeline.generate("def fib(n):", decoder="mtad", temperature=0, max_new_tokens=30, stop=[stop])
+    assert cut.text == full.text[: full.text.find(stop)]
+    assert cut.finish_reason == "stop"
+    eos = full.token_ids[3]
+    out = pair_pipeline.generate("def fib(n):", decoder="mmtad", temperature=0, max_new_tokens=30,
+                                 stop_token_ids=[eos], ignore_eos=True)
+    assert out.token_ids == full.token_ids[: full.token_ids.index(eos) + 1] and out.finish_reason == "stop"
+
+
+def test_streaming_matches_generate(pair_pipeline):
+    out = pair_pipeline.generate("import numpy", decoder="mtad", temperature=0.8, seed=3, max_new_tokens=25)
+    pieces = list(pair_pipeline.stream("import numpy", decoder="mtad", temperature=0.8, seed=3, max_new_tokens=25))
+    assert "".join(p.text for p in pieces) == out.text
+    assert [t for p in pieces for t in p.token_ids] == out.token_ids
+
+
+def test_seeded_sampling_is_reproducible(pair_pipeline):
+    a = pair_pipeline.generate("hello", decoder="mmtad", seed=7, max_new_tokens=20)
+    b = pair_pipeline.generate("hello", decoder="mmtad", seed=7, max_new_tokens=20)
+    assert a.token_ids == b.token_ids
+
+
+def test_cancel_midway_then_reuse(pair_pipeline):
+    gen = pair_pipeline.stream("def fib(n):", decoder="mtad", temperature=0, max_new_tokens=50, ignore_eos=True)
+    next(gen)
+    gen.close()  # the server does this when a client disconnects
+    ref = pair_pipeline.generate("x = 1", decoder="ar", temperature=0, max_new_tokens=10)
+    again = pair_pipeline.generate("x = 1", decoder="mtad", temperature=0, max_new_tokens=10)
+    assert again.token_ids == ref.token_ids

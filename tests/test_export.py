@@ -1,0 +1,99 @@
+"""Export: parity against transformers, the engine folder contract, atomicity."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from mtad_trt.backends.ort import OrtEngine
+from mtad_trt.errors import MtadError
+from mtad_trt.export import pair as pair_mod
+from mtad_trt.export.pair import export_pair
+from mtad_trt.export.parity import check_parity
+from mtad_trt.manifest import Manifest
+from mtad_trt.sequence import Sequence
+
+
+def test_engine_folder_contract(pair_engine):
+    m = Manifest.load(pair_engine)
+    assert set(m.roles) == {"draft", "target"}
+    for _role, entry in m.roles.items():
+        assert (pair_engine / entry.onnx).is_file()
+        assert entry.parity["passed"] and entry.parity["worst"] <= 1e-4
+        assert set(entry.parity["max_abs_diff"]) == {"prefill", "decode", "chunk", "tree"}
+        assert len(entry.onnx_sha256) == 64
+        graph = onnx.load(str(pair_engine / entry.onnx), load_external_data=False)
+        names = [i.name for i in graph.graph.input]
+        assert names[:4] == ["input_ids", "position_ids", "attention_mask", "logits_index"]
+        dims = [d.dim_param for d in graph.graph.input[2].type.tensor_type.shape.dim]
+        assert dims == ["B", "", "T", "S+T"]
+        assert any(o.name == "new_key_values.0.key" for o in graph.graph.output)
+    assert (pair_engine / "tokenizer" / "tokenizer.json").is_file()
+    assert m.roles["draft"].spec.num_layers == 1 and m.roles["target"].spec.num_layers == 2
+    assert json.loads((pair_engine / "manifest.json").read_text())["format_version"] == 1
+
+
+@pytest.mark.parametrize("fixture", ["llama_target", "qwen_target"])
+def test_parity_tiny_models(request, fixture, tmp_path):
+    src = request.getfixturevalue(fixture)
+    out = tmp_path / "e"
+    m = export_pair(None, str(src), out, max_seq_len=128)
+    assert m.roles["target"].parity["worst"] <= 1e-4
+    # Independently of the export's own check: several seeds of random text.
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    engine = OrtEngine(out / "target/model.onnx", m.roles["target"].spec)
+    for seed in (1, 2):
+        assert check_parity(model, engine, m.roles["target"].spec.vocab_size, seed=seed, tolerance=1e-4)["passed"]
+
+
+def test_random_trees_equal_causal_paths(pair_engine, qwen_target):
+    """P9: tree-masked logits of node (d, j) == a plain causal forward over c + path(d, j)."""
+    m = Manifest.load(pair_engine)
+    spec = m.roles["target"].spec
+    model = AutoModelForCausalLM.from_pretrained(str(qwen_target), dtype=torch.float32).eval()
+    seq = Sequence(OrtEngine(pair_engine / "target/model.onnx", spec))
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        seq.reset()
+        ctx = [int(x) for x in rng.integers(0, spec.vocab_size, 7)]
+        seq.forward(ctx)
+        seq.commit_chain(len(ctx))
+        n = 9
+        parents = [-1] + [int(rng.integers(-1, i)) for i in range(1, n)]
+        toks = [int(x) for x in rng.integers(0, spec.vocab_size, n)]
+        got = seq.forward(toks, parents=parents, logits_rows=range(n))
+        for i in range(n):
+            path, j = [], i
+            while j >= 0:
+                path.append(toks[j])
+                j = parents[j]
+            with torch.no_grad():
+                want = model(torch.tensor([ctx + path[::-1]])).logits[0, -1].numpy()
+            assert np.abs(got[i] - want).max() < 1e-4
+
+
+def test_failed_parity_leaves_nothing(tmp_path, qwen_target, monkeypatch):
+    def bad(*a, **k):
+        return {"max_abs_diff": {"prefill": 1.0}, "worst": 1.0, "tolerance": 1e-3, "passed": False}
+
+    monkeypatch.setattr(pair_mod, "check_parity", bad)
+    out = tmp_path / "engines" / "x"
+    with pytest.raises(MtadError, match="parity check failed"):
+        export_pair(None, str(qwen_target), out)
+    assert not out.exists()
+    assert list((tmp_path / "engines").iterdir()) == []  # no temporary folder left behind
+
+
+def test_force_replaces_and_refuses_without(tmp_path, qwen_target):
+    out = tmp_path / "e"
+    export_pair(None, str(qwen_target), out, max_seq_len=64)
+    with pytest.raises(MtadError, match="already exists"):
+        export_pair(None, str(qwen_target), out, max_seq_len=64)
+    export_pair(None, str(qwen_target), out, max_seq_len=96, force=True)
+    assert Manifest.load(out).roles["target"].spec.max_seq_len == 96
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]

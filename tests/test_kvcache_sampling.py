@@ -1,0 +1,88 @@
+"""Static-slot cache re-layout and logit processing against plain reference computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mtad_trt.engine import bucket_sizes
+from mtad_trt.errors import CapacityError
+from mtad_trt.kvcache import HostKVCache
+from mtad_trt.manifest import ModelSpec
+from mtad_trt.params import SamplingParams
+from mtad_trt.sampling import process, sample_many
+
+
+def test_buckets():
+    assert bucket_sizes(2048) == [128, 256, 512, 1024, 2048]
+    assert bucket_sizes(300) == [128, 256, 300]
+    assert bucket_sizes(64) == [64]
+
+
+def test_growth_keeps_every_slot_and_zeroes_the_rest():
+    spec = ModelSpec(2, 3, 4, 10, "float32", 1000, "x")
+    c = HostKVCache(spec, batch=2)
+    rng = np.random.default_rng(0)
+    ref = [rng.normal(size=v.shape).astype(np.float32) for v in c.views]
+    for v, r in zip(c.views, ref):
+        v[...] = r
+    assert c.reserve(300) == 512
+    for v, r in zip(c.views, ref):
+        assert v.shape == (2, 3, 512, 4) and v.flags.c_contiguous
+        np.testing.assert_array_equal(v[:, :, :128], r)
+        assert not v[:, :, 128:].any()
+    with pytest.raises(CapacityError, match="capacity is 1000"):
+        c.reserve(1001)
+
+
+def test_keep_and_move():
+    spec = ModelSpec(1, 2, 3, 10, "float32", 256, "x")
+    c = HostKVCache(spec)
+    new = [np.arange(2 * 5 * 3, dtype=np.float32).reshape(1, 2, 5, 3) + 100 * i for i in range(2)]
+    c.keep(new, 0, np.array([0, 3]), np.array([10, 11]))
+    np.testing.assert_array_equal(c.views[1][0, :, 11], new[1][0, :, 3])
+    c.move(0, np.array([10, 11]), np.array([11, 12]))  # overlapping: reads happen before writes
+    np.testing.assert_array_equal(c.views[0][0, :, 12], new[0][0, :, 3])
+    np.testing.assert_array_equal(c.views[0][0, :, 11], new[0][0, :, 0])
+
+
+def reference_process(logits, t, k, p):
+    """The reference code's norm_logits, written with plain sorting."""
+    x = logits / t
+    if k:
+        kth = np.sort(x)[::-1][k - 1]
+        x = np.where(x < kth, -np.inf, x)
+    probs = np.exp(x - x.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs, kind="stable")
+    cum = np.cumsum(probs[order])
+    remove = cum > p
+    remove[1:] = remove[:-1].copy()
+    remove[0] = False
+    probs[order[remove]] = 0
+    return probs / probs.sum()
+
+
+@pytest.mark.parametrize("t,k,p", [(1.0, 10, 0.9), (0.7, 0, 0.5), (1.3, 3, 1.0), (1.0, 50, 0.95)])
+def test_process_matches_reference(t, k, p):
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        logits = rng.normal(0, 3, 64).astype(np.float32)
+        got = process(logits, SamplingParams(temperature=t, top_k=k, top_p=p))
+        np.testing.assert_allclose(got, reference_process(logits.astype(np.float64), t, k, p), atol=1e-12)
+
+
+def test_top_p_keeps_the_crossing_token_and_at_least_one():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    got = process(logits, SamplingParams(temperature=1, top_k=0, top_p=0.6))
+    assert (got > 0).tolist() == [True, True, False, False]
+    got = process(logits, SamplingParams(temperature=1, top_k=0, top_p=0.01))
+    assert (got > 0).tolist() == [True, False, False, False]
+
+
+def test_greedy_is_one_hot_and_sampling_follows_probs():
+    logits = np.array([[0.0, 2.0, 1.0]])
+    assert process(logits, SamplingParams(temperature=0)).tolist() == [[0, 1, 0]]
+    probs = np.array([0.2, 0.5, 0.3])
+    draws = sample_many(probs, 60000, np.random.default_rng(0))
+    np.testing.assert_allclose(np.bincount(draws, minlength=3) / 60000, probs, atol=0.01)

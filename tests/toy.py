@@ -1,0 +1,61 @@
+"""A bigram "model" behind the Engine protocol: logits depend only on the fed token.
+
+Fast enough to run a decoder tens of thousands of times, which the distributional properties of
+spec/mtad.md §4 (P2, P5, lossless speculative sampling) need. The cache calls are recorded, not
+simulated: a bigram model does not read its context.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mtad_trt.manifest import ModelSpec
+
+
+class BigramEngine:
+    name = "toy"
+
+    def __init__(self, table: np.ndarray, max_seq_len: int = 4096) -> None:
+        self.table = np.asarray(table, np.float32)  # [V, V] logits of the next token given the current
+        v = self.table.shape[0]
+        self.spec = ModelSpec(1, 1, 1, v, "float32", max_seq_len, "bigram")
+        self.calls = 0
+        self.last_shapes: list[tuple[int, int]] = []
+
+    @property
+    def capacity(self) -> int:
+        return self.spec.max_seq_len
+
+    def reserve(self, slots: int) -> int:
+        assert slots <= self.spec.max_seq_len
+        return self.spec.max_seq_len
+
+    def reset(self) -> None:
+        pass
+
+    def step(self, inputs) -> np.ndarray:
+        self.calls += 1
+        ids = inputs.input_ids[0]
+        # Contract sanity: every query row sees itself (else softmax of an all-masked row is NaN).
+        t = len(ids)
+        s = inputs.attention_mask.shape[-1] - t
+        assert inputs.attention_mask[0, 0, np.arange(t), s + np.arange(t)].all()
+        self.last_shapes.append((t, inputs.logits_index.shape[1]))
+        return self.table[ids[inputs.logits_index[0]]][None]
+
+    def keep(self, row, src, dst) -> None:
+        pass
+
+    def move(self, row, src, dst) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def random_tables(v: int = 6, seed: int = 0, sharp: float = 1.5) -> tuple[np.ndarray, np.ndarray]:
+    """(draft, target) bigram logits that agree partly, like a small and a large model."""
+    rng = np.random.default_rng(seed)
+    target = rng.normal(0, sharp, (v, v))
+    draft = target + rng.normal(0, sharp * 0.7, (v, v))
+    return draft.astype(np.float32), target.astype(np.float32)
