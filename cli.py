@@ -67,7 +67,7 @@ def models_fetch(names: tuple[str, ...]) -> None:
     """Install, assemble, verify and convert named models (default: the default pair)."""
     from mtad_trt.export import defaults
 
-    names = names or defaults.DEFAULT_PAIR
+    names = names or (defaults.DEFAULT_DRAFT, defaults.DEFAULT_TARGET)
     say = _progress()
     for name in names:
         if name not in defaults.DEFAULT_MODELS:
@@ -95,16 +95,38 @@ def models_list() -> None:
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
 @click.option("--opset", default=18, show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing engine folder.")
+@click.option("--quantize", "quantize", default="none", show_default=True,
+              help="Weight-only quantization for the ONNX Runtime CPU path: none|int8|int4 for both models, "
+                   "or per role, e.g. 'draft=int4,target=int8'.")
+@click.option("--block-size", default=32, show_default=True, help="Quantization block size.")
+@click.option("--quantize-lm-head/--no-quantize-lm-head", default=True, show_default=True)
 @friendly
-def export(draft, target, out, max_seq_len, dtype, opset, force) -> None:
+def export(draft, target, out, max_seq_len, dtype, opset, force, quantize, block_size, quantize_lm_head) -> None:
     """Export a draft/target pair to ONNX graphs with KV-cache I/O, parity-checked."""
     from mtad_trt.export.pair import export_pair
 
     dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype]
-    manifest = export_pair(draft, target, out, max_seq_len, dtype, opset, force, progress=_progress())
+    manifest = export_pair(draft, target, out, max_seq_len, dtype, opset, force, progress=_progress(),
+                           quantize=parse_quantize(quantize), block_size=block_size,
+                           quantize_lm_head=quantize_lm_head)
     for role, entry in manifest.roles.items():
-        click.echo(f"{role}: {entry.onnx}  parity max|Δ| {entry.parity['worst']:.2e} (≤ {entry.parity['tolerance']})")
+        q = entry.quantization
+        extra = ""
+        if q.get("scheme", "none") != "none":
+            extra = f"  {q['scheme']}: ppl {q['quality']['ppl_float']:.3f} -> {q['quality']['ppl_quantized']:.3f}"
+        click.echo(f"{role}: {entry.onnx}  parity max|Δ| {entry.parity['worst']:.2e} (≤ {entry.parity['tolerance']}){extra}")
     click.echo(f"wrote {out}")
+
+
+def parse_quantize(text: str) -> dict[str, str]:
+    """'int4' -> both roles; 'draft=int4,target=none' -> per role."""
+    if "=" not in text:
+        return {"draft": text, "target": text}
+    out = {}
+    for part in text.split(","):
+        role, _, scheme = part.partition("=")
+        out[role.strip()] = scheme.strip()
+    return out
 
 
 # -- generate -------------------------------------------------------------------------------------
@@ -174,6 +196,51 @@ def generate(engines, backend, device, threads, decoder, gamma, beam_width, thre
             f"acceptance {stats.acceptance_rate:.2f}",
             err=True,
         )
+
+
+# -- bench ----------------------------------------------------------------------------------------
+@main.command()
+@runtime_options
+@click.option("--decoders", default="ar,sps,mtad,mmtad", show_default=True, help="Comma-separated decoders to compare.")
+@click.option("--prompts", "prompt_set", default="humaneval", show_default=True, help="humaneval | prose | FILE.jsonl")
+@click.option("--n", default=10, show_default=True, help="Number of prompts.")
+@click.option("--max-new-tokens", default=128, show_default=True)
+@click.option("--temperature", default=1.0, show_default=True)
+@click.option("--top-k", default=10, show_default=True)
+@click.option("--top-p", default=0.9, show_default=True)
+@click.option("--gamma", default=4, show_default=True)
+@click.option("--beam-width", default=4, show_default=True)
+@click.option("--threshold", default=0.5, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Prompt i uses seed+i, the same for every decoder.")
+@click.option("--energy", "energy_kind", default="auto", show_default=True,
+              help="auto | nvml | jetson | tegrastats | rapl | none")
+@click.option("--peers", default="", help="Comma-separated peers run on the same prompts: hf, hf-ar.")
+@click.option("--out", default="bench-out", show_default=True, type=click.Path(path_type=Path))
+@friendly
+def bench(engines, backend, device, threads, decoders, prompt_set, n, max_new_tokens, temperature, top_k, top_p,
+          gamma, beam_width, threshold, seed, energy_kind, peers, out) -> None:
+    """Speed, acceptance, perplexity, pass@1 and energy per token for each decoder."""
+    from rich.progress import Progress
+
+    from mtad_trt.bench import BenchConfig, markdown, run_bench, write_report
+
+    cfg = BenchConfig(engines=str(engines), decoders=tuple(d for d in decoders.split(",") if d), prompts=prompt_set,
+                      n=n, max_new_tokens=max_new_tokens, backend=backend, device=device, threads=threads,
+                      seed=seed, temperature=temperature, top_k=top_k, top_p=top_p, gamma=gamma,
+                      beam_width=beam_width, threshold=threshold, energy=energy_kind,
+                      peers=tuple(p for p in peers.split(",") if p), out=str(out))
+    with Progress(transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(decoder: str, done: int, total: int) -> None:
+            if decoder not in tasks:
+                tasks[decoder] = bar.add_task(decoder, total=total)
+            bar.update(tasks[decoder], completed=done)
+
+        record = run_bench(cfg, progress)
+    files = write_report(record, out)
+    click.echo(markdown(record))
+    click.echo("wrote " + ", ".join(str(f) for f in files))
 
 
 if __name__ == "__main__":

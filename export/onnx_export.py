@@ -46,7 +46,7 @@ def export_onnx(model: torch.nn.Module, spec: ModelSpec, out_path: Path, opset: 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        for noisy in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript"):
+        for noisy in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "onnx_ir"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
         program = torch.onnx.export(
             wrapper,

@@ -8,6 +8,7 @@ exported and freed one at a time so the default pair fits in 24 GB of RAM.
 from __future__ import annotations
 
 import gc
+import logging
 import shutil
 import tempfile
 import time
@@ -25,6 +26,7 @@ from mtad_trt.export.parity import check_parity
 from mtad_trt.manifest import Manifest, ModelSpec, RoleEntry, sha256_file
 
 Progress = Callable[[str], None]
+log = logging.getLogger("mtad_trt.export")
 
 
 def model_spec(model, dtype: str, max_seq_len: int) -> ModelSpec:
@@ -58,14 +60,27 @@ def _check_destination(out: Path, force: bool) -> None:
         raise MtadError(f"cannot write into {parent}: {e.strerror}") from None
 
 
-def export_role(src: sources.Source, folder: Path, role: str, dtype: str, max_seq_len: int, opset: int, say: Progress) -> RoleEntry:
+def export_role(
+    src: sources.Source,
+    folder: Path,
+    role: str,
+    dtype: str,
+    max_seq_len: int,
+    opset: int,
+    say: Progress,
+    quant: str = "none",
+    tokenizer=None,
+    block_size: int = 32,
+    quantize_lm_head: bool = True,
+) -> RoleEntry:
     from mtad_trt.backends.ort import OrtEngine
 
     t0 = time.perf_counter()
     say(f"{role}: loading {src.path}")
     model = sources.load_model(src, dtype)
     spec = model_spec(model, dtype, max_seq_len)
-    onnx_path = folder / role / "model.onnx"
+    final_path = folder / role / "model.onnx"
+    onnx_path = final_path if quant == "none" else folder / role / "float" / "model.onnx"
     say(f"{role}: exporting {spec.architecture} ({spec.num_layers} layers, vocab {spec.vocab_size}) to ONNX")
     try:
         export_onnx(model, spec, onnx_path, opset=opset)
@@ -85,6 +100,9 @@ def export_role(src: sources.Source, folder: Path, role: str, dtype: str, max_se
             f"{role}: parity check failed: max |Δlogits| {parity['worst']:.3g} > {parity['tolerance']:.3g} "
             f"({parity['max_abs_diff']})"
         )
+    quantization = {"scheme": "none"}
+    if quant != "none":
+        quantization = _quantize(onnx_path, final_path, spec, quant, tokenizer, block_size, quantize_lm_head, role, say)
     say(f"{role}: done in {time.perf_counter() - t0:.1f}s (max |Δlogits| {parity['worst']:.2e})")
     source = src.describe()
     if src.kind == "gguf":
@@ -92,10 +110,32 @@ def export_role(src: sources.Source, folder: Path, role: str, dtype: str, max_se
     return RoleEntry(
         spec=spec,
         onnx=f"{role}/model.onnx",
-        onnx_sha256=sha256_file(onnx_path),
+        onnx_sha256=sha256_file(final_path),
         source=source,
         parity=parity,
+        quantization=quantization,
     )
+
+
+def _quantize(float_path, final_path, spec, scheme, tokenizer, block_size, lm_head, role, say) -> dict:
+    from mtad_trt.backends.ort import OrtEngine
+    from mtad_trt.export.quantize import compare_quality, quantize_graph
+
+    say(f"{role}: quantizing MatMul weights to {scheme} (block {block_size}, LM head {'in' if lm_head else 'out'})")
+    record = quantize_graph(float_path, final_path, scheme, spec.vocab_size, block_size, lm_head)
+    say(f"{role}: perplexity check, float vs {scheme}")
+    f_engine, q_engine = OrtEngine(float_path, spec, threads=2), OrtEngine(final_path, spec, threads=2)
+    record["quality"] = compare_quality(f_engine, q_engine, tokenizer)
+    f_engine.close()
+    q_engine.close()
+    shutil.rmtree(float_path.parent)  # the float graph served only as the quality reference
+    qual = record["quality"]
+    msg = f"{role}: perplexity {qual['ppl_float']:.3f} (float) -> {qual['ppl_quantized']:.3f} ({scheme})"
+    if qual["warn"]:
+        msg += f"  WARNING: quantization costs {100 * (qual['ppl_ratio'] - 1):.0f}% perplexity"
+        log.warning(msg)
+    say(msg)
+    return record
 
 
 def export_pair(
@@ -107,11 +147,26 @@ def export_pair(
     opset: int = 18,
     force: bool = False,
     progress: Progress | None = None,
+    quantize: dict[str, str] | None = None,
+    block_size: int = 32,
+    quantize_lm_head: bool = True,
 ) -> Manifest:
+    """Export `draft` (optional) and `target` into the engine folder `out`.
+
+    quantize: scheme per role ("none" | "int8" | "int4"), e.g. {"draft": "int4", "target": "int4"}.
+    """
     say = progress or (lambda msg: None)
     out = Path(out)
     if opset < 18:
         raise MtadError(f"opset {opset} is too old: the contract needs opset >= 18")
+    quantize = quantize or {}
+    from mtad_trt.export.quantize import SCHEMES
+
+    for role, scheme in quantize.items():
+        if role not in ("draft", "target") or scheme not in SCHEMES:
+            raise MtadError(f"bad quantization setting {role}={scheme} (roles: draft, target; schemes: {', '.join(SCHEMES)})")
+        if scheme != "none" and dtype != "float32":
+            raise MtadError("weight-only quantization starts from a float32 export (use --dtype fp32)")
     _check_destination(out, force)
     srcs = {"target": sources.resolve(target)}
     if draft is not None:
@@ -129,7 +184,11 @@ def export_pair(
         roles = {}
         for role in ("draft", "target"):
             if role in srcs:
-                roles[role] = export_role(srcs[role], tmp, role, dtype, max_seq_len, opset, say)
+                roles[role] = export_role(
+                    srcs[role], tmp, role, dtype, max_seq_len, opset, say,
+                    quant=quantize.get(role, "none"), tokenizer=toks[role],
+                    block_size=block_size, quantize_lm_head=quantize_lm_head,
+                )
         eos = tok.eos_token_id
         manifest = Manifest(
             roles=roles,
@@ -137,7 +196,7 @@ def export_pair(
             eos_token_ids=[int(eos)] if eos is not None else [],
             pad_token_id=tok.pad_token_id,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            export_settings={"dtype": dtype, "opset": opset, "max_seq_len": max_seq_len},
+            export_settings={"dtype": dtype, "opset": opset, "max_seq_len": max_seq_len, "quantize": quantize},
         )
         manifest.save(tmp)
         if out.exists():
