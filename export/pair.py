@@ -22,7 +22,7 @@ import mtad_trt
 from mtad_trt.errors import MtadError
 from mtad_trt.export import sources
 from mtad_trt.export.onnx_export import export_onnx
-from mtad_trt.export.parity import check_parity
+from mtad_trt.export.parity import check_parity, reference_cases
 from mtad_trt.manifest import Manifest, ModelSpec, RoleEntry, sha256_file
 
 Progress = Callable[[str], None]
@@ -90,10 +90,13 @@ def export_role(
         raise MtadError(f"{role}: ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
     onnx.checker.check_model(str(onnx_path))  # path form: works with external data
     say(f"{role}: parity check against transformers")
+    cases = reference_cases(model, spec.vocab_size)
+    del model  # free the torch weights before ONNX Runtime maps the graph's
+    gc.collect()
     engine = OrtEngine(onnx_path, spec, threads=1)
-    parity = check_parity(model, engine, spec.vocab_size)
+    parity = check_parity(cases, engine)
     engine.close()
-    del model, engine
+    del engine
     gc.collect()
     if not parity["passed"]:
         raise MtadError(

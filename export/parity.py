@@ -22,14 +22,31 @@ def _reference(model, ids: list[int]) -> np.ndarray:
     return out.logits[0].float().numpy()
 
 
-def check_parity(model, engine: Engine, vocab_size: int, seed: int = 0, tolerance: float | None = None) -> dict:
-    """Run prefill, 3 single-token steps, a 4-token chunk and a 2x2 tree; return max |Δlogits| per case."""
+def reference_cases(model, vocab_size: int, seed: int = 0) -> dict:
+    """The parity inputs and the transformers logits for them, computed up front.
+
+    Separate from the engine run so the caller can free the torch model before loading the graph:
+    holding both a 1.5B float32 model and its ONNX Runtime session doubles peak RAM.
+    """
     rng = np.random.default_rng(seed)
     ids = [int(x) for x in rng.integers(0, vocab_size, 16)]
-    prompt, singles, chunk, tree = ids[:6], ids[6:9], ids[9:13], ids[13:16] + [int(rng.integers(vocab_size))]
+    tree = ids[13:16] + [int(rng.integers(vocab_size))]
+    a, b, a1, b1 = tree
+    committed = ids[:13]
+    return {
+        "ids": ids,
+        "tree": tree,
+        "ref": _reference(model, committed),
+        "tree_ref": [_reference(model, committed + path)[-1] for path in ([a], [b], [a, a1], [b, b1])],
+    }
+
+
+def check_parity(cases: dict, engine: Engine, tolerance: float | None = None) -> dict:
+    """Run prefill, 3 single-token steps, a 4-token chunk and a 2x2 tree; return max |Δlogits| per case."""
+    ids, ref = cases["ids"], cases["ref"]
+    prompt, singles, chunk = ids[:6], ids[6:9], ids[9:13]
     seq = Sequence(engine)
     seq.reset()
-    ref = _reference(model, ids[:13])
     diffs: dict[str, float] = {}
 
     got = seq.forward(prompt, logits_rows=range(len(prompt)))
@@ -49,14 +66,8 @@ def check_parity(model, engine: Engine, vocab_size: int, seed: int = 0, toleranc
     seq.commit_chain(len(chunk))
 
     # Tree: two roots a, b (siblings share a position), each with one child.
-    a, b, a1, b1 = tree
-    got = seq.forward([a, b, a1, b1], parents=[-1, -1, 0, 1], logits_rows=range(4))
-    committed = ids[:13]
-    worst = 0.0
-    for row, path in enumerate(([a], [b], [a, a1], [b, b1])):
-        want = _reference(model, committed + path)[-1]
-        worst = max(worst, float(np.abs(got[row] - want).max()))
-    diffs["tree"] = worst
+    got = seq.forward(cases["tree"], parents=[-1, -1, 0, 1], logits_rows=range(4))
+    diffs["tree"] = max(float(np.abs(got[r] - want).max()) for r, want in enumerate(cases["tree_ref"]))
     seq.reset()
 
     limit = TOLERANCE.get(engine.spec.dtype, 1e-3) if tolerance is None else tolerance

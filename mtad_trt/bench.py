@@ -129,7 +129,13 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str, int, int], None] | None
     stops = HUMANEVAL_STOPS if humaneval else ()
     pipe = Pipeline.load(cfg.engines, backend=cfg.backend, device=cfg.device, threads=cfg.threads,
                          load_draft=any(d != "ar" for d in cfg.decoders))
-    meter = energy.open_meter(cfg.energy, device="cuda" if pipe.backend.endswith("cuda") else "cpu")
+    on_gpu = pipe.backend.endswith("cuda")
+    sync = None
+    if on_gpu:
+        import torch
+
+        sync = torch.cuda.synchronize  # queued GPU work must land inside the measured window
+    meter = energy.open_meter(cfg.energy, device="cuda" if on_gpu else "cpu", sync=sync)
     encoded = [pipe.encode(p.text, chat=p.chat) for p in items]
     results: dict[str, dict] = {}
     try:

@@ -14,7 +14,7 @@ from mtad_trt.backends.ort import OrtEngine
 from mtad_trt.errors import MtadError
 from mtad_trt.export import pair as pair_mod
 from mtad_trt.export.pair import export_pair
-from mtad_trt.export.parity import check_parity
+from mtad_trt.export.parity import check_parity, reference_cases
 from mtad_trt.manifest import Manifest
 from mtad_trt.sequence import Sequence
 
@@ -48,7 +48,8 @@ def test_parity_tiny_models(request, fixture, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
     engine = OrtEngine(out / "target/model.onnx", m.roles["target"].spec)
     for seed in (1, 2):
-        assert check_parity(model, engine, m.roles["target"].spec.vocab_size, seed=seed, tolerance=1e-4)["passed"]
+        cases = reference_cases(model, m.roles["target"].spec.vocab_size, seed=seed)
+        assert check_parity(cases, engine, tolerance=1e-4)["passed"]
 
 
 def test_random_trees_equal_causal_paths(pair_engine, qwen_target):
