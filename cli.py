@@ -98,7 +98,7 @@ def models_list() -> None:
 @click.option("--quantize", "quantize", default="none", show_default=True,
               help="Weight-only quantization for the ONNX Runtime CPU path: none|int8|int4 for both models, "
                    "or per role, e.g. 'draft=int4,target=int8'.")
-@click.option("--block-size", default=32, show_default=True, help="Quantization block size.")
+@click.option("--block-size", default=128, show_default=True, help="Quantization block size (128 measured faster than 32 at equal perplexity, docs/results.md).")
 @click.option("--quantize-lm-head/--no-quantize-lm-head", default=True, show_default=True)
 @friendly
 def export(draft, target, out, max_seq_len, dtype, opset, force, quantize, block_size, quantize_lm_head) -> None:
@@ -127,6 +127,30 @@ def parse_quantize(text: str) -> dict[str, str]:
         role, _, scheme = part.partition("=")
         out[role.strip()] = scheme.strip()
     return out
+
+
+# -- build --------------------------------------------------------------------------------------
+@main.command()
+@click.argument("engines", type=click.Path(path_type=Path))
+@click.option("--precision", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True)
+@click.option("--max-batch", default=1, show_default=True)
+@click.option("--max-seq-len", type=int, default=None, help="KV capacity of the plans (default: the export's).")
+@click.option("--max-decode-tokens", default=32, show_default=True, help="Largest decode/verify width T (1+B·γ for MMTAD).")
+@click.option("--max-prefill-tokens", type=int, default=None, help="Largest prompt chunk (default: the capacity).")
+@click.option("--timing-cache", type=click.Path(path_type=Path), default=None)
+@click.option("--workspace-mb", type=int, default=None)
+@click.option("--role", "roles", multiple=True, type=click.Choice(["draft", "target"]), help="Build only these roles.")
+@friendly
+def build(engines, precision, max_batch, max_seq_len, max_decode_tokens, max_prefill_tokens, timing_cache,
+          workspace_mb, roles) -> None:
+    """Build TensorRT plans for an engine folder (on the GPU machine that will run them)."""
+    from mtad_trt.export.build_trt import build_plans
+
+    plans = build_plans(engines, precision=precision, max_batch=max_batch, max_seq_len=max_seq_len,
+                        timing_cache=timing_cache, workspace_mb=workspace_mb, max_decode_tokens=max_decode_tokens,
+                        max_prefill_tokens=max_prefill_tokens, roles=list(roles) or None)
+    for role, entry in plans.items():
+        click.echo(f"{role}: {entry.get('plan', '')} ({entry.get('gpu_name', '')}, TensorRT {entry.get('tensorrt_version', '')})")
 
 
 # -- generate -------------------------------------------------------------------------------------

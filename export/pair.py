@@ -70,7 +70,7 @@ def export_role(
     say: Progress,
     quant: str = "none",
     tokenizer=None,
-    block_size: int = 32,
+    block_size: int = 128,
     quantize_lm_head: bool = True,
 ) -> RoleEntry:
     from mtad_trt.backends.ort import OrtEngine
@@ -151,7 +151,7 @@ def export_pair(
     force: bool = False,
     progress: Progress | None = None,
     quantize: dict[str, str] | None = None,
-    block_size: int = 32,
+    block_size: int = 128,
     quantize_lm_head: bool = True,
 ) -> Manifest:
     """Export `draft` (optional) and `target` into the engine folder `out`.

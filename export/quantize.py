@@ -49,7 +49,7 @@ def quantize_graph(
     dst: Path,
     scheme: str,
     vocab_size: int,
-    block_size: int = 32,
+    block_size: int = 128,
     lm_head: bool = True,
     accuracy_level: int = 4,
 ) -> dict:

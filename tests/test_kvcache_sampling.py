@@ -24,10 +24,10 @@ def test_growth_keeps_every_slot_and_zeroes_the_rest():
     c = HostKVCache(spec, batch=2)
     rng = np.random.default_rng(0)
     ref = [rng.normal(size=v.shape).astype(np.float32) for v in c.views]
-    for v, r in zip(c.views, ref):
+    for v, r in zip(c.views, ref, strict=True):
         v[...] = r
     assert c.reserve(300) == 512
-    for v, r in zip(c.views, ref):
+    for v, r in zip(c.views, ref, strict=True):
         assert v.shape == (2, 3, 512, 4) and v.flags.c_contiguous
         np.testing.assert_array_equal(v[:, :, :128], r)
         assert not v[:, :, 128:].any()

@@ -71,3 +71,11 @@ def test_chunked_scoring_equals_one_pass(pair_engine):
     a = token_logprobs(seq, ids[:10], ids[10:], chunk=256)
     b = token_logprobs(seq, ids[:10], ids[10:], chunk=7)
     np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_tensorrt_build_refuses_quantized_graphs(int4_engine):
+    from mtad_trt.errors import MtadError
+    from mtad_trt.export.build_trt import build_plans
+
+    with pytest.raises(MtadError, match="int4-quantized.*--quantize none"):
+        build_plans(int4_engine)

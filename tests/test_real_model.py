@@ -63,5 +63,10 @@ def test_greedy_speculative_equals_ar(smol_pipeline, decoder):
     out = smol_pipeline.generate(ids, decoder=decoder, temperature=0, max_new_tokens=32, ignore_eos=True,
                                  gamma=4, beam_width=3)
     assert out.token_ids == ref.token_ids
-    # Draft == target: every round should accept (float noise aside) at τ=0.5.
-    assert out.stats.acceptance_rate > 0.9
+    # Draft == target with one beam: the draft proposes the greedy chain, so (float noise aside)
+    # every round accepts. (With B > 1 greedy drafting is beam search, whose best beam is the
+    # max-joint path, not the greedy one: lower acceptance there is correct.)
+    one = smol_pipeline.generate(ids, decoder=decoder, temperature=0, max_new_tokens=32, ignore_eos=True,
+                                 gamma=4, beam_width=1)
+    assert one.token_ids == ref.token_ids
+    assert one.stats.acceptance_rate > 0.9

@@ -1,0 +1,332 @@
+"""TensorRT backend: a built plan per role, buffers as torch CUDA tensors (engine-contract §4, §7).
+
+`tensorrt` is imported lazily and only here (and in `export/build_trt.py`): everything else in
+mtad-trt runs without it. A plan is tied to the TensorRT version and the GPU it was built on, so
+the manifest records both and a mismatching plan is refused with the command that rebuilds it.
+
+Per step: choose the optimization profile by T (prefill vs decode/verify), set every input shape
+and tensor address (skipped when the key and buffers are those already bound), then
+`execute_async_v3` on torch's current stream — through the shared CUDA-graph runner, so
+decode/verify steps replay a captured graph.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mtad_trt.backends.torch_backend import DTYPE_NAMES, HostLogits, TorchKVCache, check_step
+from mtad_trt.cuda_graphs import Capturer, GraphRunner, Key, StaticInputs, TorchCudaCapturer
+from mtad_trt.engine import StepInputs
+from mtad_trt.errors import BackendUnavailable, EngineFolderError, MtadError
+from mtad_trt.manifest import Manifest, ModelSpec
+
+log = logging.getLogger("mtad_trt")
+
+INSTALL_HINT = (
+    "install it with `pip install tensorrt` (wheels come from NVIDIA's index, "
+    "--extra-index-url https://pypi.nvidia.com), or on Jetson use the JetPack's TensorRT "
+    "(apt install python3-libnvinfer, JetPack 6 = TensorRT 10.3)"
+)
+STEP_DTYPES = {
+    "input_ids": torch.int64,
+    "position_ids": torch.int64,
+    "attention_mask": torch.bool,
+    "logits_index": torch.int64,
+}
+STEP_INPUTS = tuple(STEP_DTYPES)
+PROFILE_PREFILL, PROFILE_DECODE = "prefill", "decode"
+
+
+def import_tensorrt() -> Any:
+    """The `tensorrt` module, or BackendUnavailable with one line saying how to get it."""
+    try:
+        import tensorrt as trt
+    except Exception as e:  # ImportError, or a placeholder wheel / missing libnvinfer raising anything
+        raise BackendUnavailable(f"TensorRT is not usable here ({type(e).__name__}: {e}); {INSTALL_HINT}") from None
+    if not hasattr(trt, "Builder") or not hasattr(trt, "__version__"):
+        raise BackendUnavailable(f"the installed `tensorrt` package is a placeholder, not TensorRT; {INSTALL_HINT}")
+    return trt
+
+
+def trt_major(version: str) -> int:
+    return int(version.split(".")[0])
+
+
+def machine_info(trt: Any) -> tuple[str, str, str]:
+    """(TensorRT version, GPU name, compute capability "8.7") of this machine's GPU 0."""
+    if not torch.cuda.is_available():
+        raise BackendUnavailable("TensorRT needs an NVIDIA GPU with CUDA; torch sees none here")
+    major, minor = torch.cuda.get_device_capability(0)
+    return str(trt.__version__), torch.cuda.get_device_name(0).strip(), f"{major}.{minor}"
+
+
+def rebuild_command(plan: dict[str, Any], folder: str | Path = "ENGINE_FOLDER") -> str:
+    """The `mtad-trt build` command line that reproduces this plan's settings on this machine."""
+    parts = ["mtad-trt", "build", str(folder)]
+    for key, flag in (
+        ("precision", "--precision"),
+        ("max_batch", "--max-batch"),
+        ("max_seq_len", "--max-seq-len"),
+        ("max_decode_tokens", "--max-decode-tokens"),
+        ("max_prefill_tokens", "--max-prefill-tokens"),
+    ):
+        if plan.get(key) is not None:
+            parts += [flag, str(plan[key])]
+    return " ".join(parts)
+
+
+def check_plan_compat(
+    plan: dict[str, Any], trt_version: str, gpu_name: str, cc: str, folder: str | Path = "ENGINE_FOLDER"
+) -> str | None:
+    """None when the plan can run here; else why not, ending with the command that rebuilds it.
+
+    A serialized engine only deserializes under the TensorRT version that built it, and its
+    kernels were chosen for one GPU: both must match exactly.
+    """
+    built_v, built_gpu, built_cc = plan.get("tensorrt_version"), plan.get("gpu_name"), plan.get("compute_capability")
+    problems = []
+    if built_v != trt_version:
+        problems.append(f"TensorRT {built_v} (this machine has {trt_version})")
+    if built_cc != cc:
+        problems.append(f"compute capability {built_cc} (this GPU has {cc})")
+    if str(built_gpu or "").strip() != gpu_name.strip():
+        problems.append(f"GPU '{built_gpu}' (this GPU is '{gpu_name}')")
+    if not problems:
+        return None
+    return (
+        f"plan {plan.get('path', '?')} was built for {' and '.join(problems)}; "
+        f"rebuild it here with `{rebuild_command(plan, folder)}`"
+    )
+
+
+def select_plan(
+    plans: list[dict[str, Any]], trt_version: str, gpu_name: str, cc: str, folder: str | Path = "ENGINE_FOLDER"
+) -> tuple[dict[str, Any] | None, list[str]]:
+    """The newest compatible plan entry (or None) and the reasons the others were refused."""
+    reasons = []
+    for plan in reversed(plans):
+        why = check_plan_compat(plan, trt_version, gpu_name, cc, folder)
+        if why is None:
+            return plan, reasons
+        reasons.append(why)
+    return None, reasons
+
+
+def usable_plans(manifest: Manifest) -> dict[str, dict[str, Any]] | None:
+    """{role: plan entry} when every role has a plan that runs on this machine, else None.
+
+    Used by backend auto-selection: no TensorRT, no GPU or no matching plan all mean "not trt".
+    """
+    try:
+        info = machine_info(import_tensorrt())
+    except BackendUnavailable as e:
+        log.debug("no TensorRT backend: %s", e)
+        return None
+    out = {}
+    for role, entry in manifest.roles.items():
+        plan, reasons = select_plan(entry.plans, *info)
+        if plan is None:
+            log.info("no usable TensorRT plan for %s: %s", role, "; ".join(reasons) or "none built")
+            return None
+        out[role] = plan
+    return out or None
+
+
+TORCH_OF_TRT = {
+    "FLOAT": torch.float32,
+    "HALF": torch.float16,
+    "BF16": torch.bfloat16,
+    "INT32": torch.int32,
+    "INT64": torch.int64,
+    "BOOL": torch.bool,
+    "INT8": torch.int8,
+    "UINT8": torch.uint8,
+}
+
+
+@dataclass
+class TrtBuffers:
+    """A key's static I/O: the step inputs, and outputs TensorRT writes into."""
+
+    inputs: StaticInputs
+    logits: torch.Tensor
+    new_kv: list[torch.Tensor]
+
+
+class TrtEngine:
+    def __init__(
+        self,
+        plan_path: str | Path,
+        spec: ModelSpec,
+        plan: dict[str, Any],
+        batch: int = 1,
+        device: str = "cuda",
+        cuda_graphs: bool = True,
+        capturer: Capturer | None = None,
+    ) -> None:
+        """`device="cpu"` exists only for the CPU test harness (a fake `tensorrt` module)."""
+        trt = import_tensorrt()
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise BackendUnavailable("TensorRT needs an NVIDIA GPU with CUDA; torch sees none here")
+        plan_path = Path(plan_path)
+        folder = plan_path.parents[len(Path(plan.get("path", "x/x")).parts) - 1]
+        self._rebuild = rebuild_command(plan, folder)
+        if not plan_path.is_file():
+            raise EngineFolderError(f"missing TensorRT plan {plan_path}: rebuild it with `{self._rebuild}`")
+        self._trt = trt
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
+        if self.engine is None:
+            raise EngineFolderError(f"TensorRT could not load {plan_path} (see its log above); rebuild it with `{self._rebuild}`")
+        self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise MtadError(f"TensorRT could not create an execution context for {plan_path} (out of GPU memory?)")
+        self.name = "trt"
+        self.batch = batch
+        self.plan = plan
+        if batch > int(plan.get("max_batch", batch)):
+            raise MtadError(f"batch {batch} exceeds the plan's max batch {plan['max_batch']}; rebuild with `--max-batch {batch}`")
+        self.spec = replace(spec, max_seq_len=min(spec.max_seq_len, int(plan.get("max_seq_len", spec.max_seq_len))))
+        self._io = self._io_tensors()
+        kv_dtype = self._io[self.spec.kv_names[0][0]][1]
+        self.spec = replace(self.spec, dtype=DTYPE_NAMES.get(kv_dtype, spec.dtype))  # a weakly typed build keeps fp32 I/O
+        self.max_decode_tokens = int(plan["max_decode_tokens"])
+        names = [p["name"] for p in plan["profiles"]]
+        self._profiles = {n: names.index(n) for n in (PROFILE_PREFILL, PROFILE_DECODE)}
+        self._profile_shapes = {p["name"]: p["shapes"] for p in plan["profiles"]}
+        self._active_profile: int | None = None
+        self._bound: tuple[Key, TrtBuffers] | None = None
+        self.cache = TorchKVCache(self.spec, batch, self.device, kv_dtype)
+        if capturer is None and cuda_graphs and self.device.type == "cuda":
+            capturer = TorchCudaCapturer(self.device)
+        self.runner: GraphRunner[TrtBuffers] = GraphRunner(capturer, self.max_decode_tokens, name="trt")
+        self.host = HostLogits(self.device, spec.vocab_size)
+        self._new_kv: list[torch.Tensor] = []
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, manifest: Manifest, role: str, **kwargs) -> TrtEngine:
+        """The role's newest plan that matches this machine; a clear refusal otherwise."""
+        trt = import_tensorrt()
+        entry = manifest.role(role)
+        if not entry.plans:
+            raise EngineFolderError(f"{folder} has no TensorRT plan for the {role} model: build one with `mtad-trt build {folder}`")
+        plan, reasons = select_plan(entry.plans, *machine_info(trt), folder=folder)
+        if plan is None:
+            raise EngineFolderError(reasons[0])
+        return cls(Path(folder) / plan["path"], entry.spec, plan, **kwargs)
+
+    def _io_tensors(self) -> dict[str, tuple[bool, torch.dtype]]:
+        """name -> (is input, torch dtype), checked against the graph contract."""
+        trt, eng = self._trt, self.engine
+        io = {}
+        for i in range(eng.num_io_tensors):
+            name = eng.get_tensor_name(i)
+            dt = eng.get_tensor_dtype(name)
+            if dt.name not in TORCH_OF_TRT:
+                raise EngineFolderError(f"plan tensor {name} has unsupported dtype {dt.name}")
+            io[name] = (eng.get_tensor_mode(name) == trt.TensorIOMode.INPUT, TORCH_OF_TRT[dt.name])
+        want = {n: (True, dt) for n, dt in STEP_DTYPES.items()}
+        want["logits"] = (False, torch.float32)
+        problems = [f"{n} ({'input' if inp else 'output'} {dt})" for n, (inp, dt) in want.items() if io.get(n) != (inp, dt)]
+        for past, new in self.spec.kv_names:
+            if not io.get(past, (False,))[0] or io.get(new, (True,))[0]:
+                problems.append(f"{past} / {new}")
+        if problems:
+            raise EngineFolderError(
+                f"the plan does not follow the graph contract: missing or mistyped {', '.join(problems)}; re-export and rebuild"
+            )
+        return io
+
+    # -- cache -------------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        return self.cache.size
+
+    @property
+    def graph_stats(self) -> dict[str, int]:
+        return self.runner.stats
+
+    def reserve(self, slots: int) -> int:
+        return self.cache.reserve(slots)
+
+    def reset(self) -> None:
+        self.cache.reset()
+
+    def keep(self, row: int, src: np.ndarray, dst: np.ndarray) -> None:
+        self.cache.keep(self._new_kv, row, src, dst)
+
+    def move(self, row: int, src: np.ndarray, dst: np.ndarray) -> None:
+        self.cache.move(row, src, dst)
+
+    # -- step --------------------------------------------------------------------------------
+    def _stream(self) -> int:
+        return torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
+
+    def _alloc(self, key: Key) -> TrtBuffers:
+        b, t, k, _ = key
+        s = self.spec
+        kv_dtype = self._io[s.kv_names[0][1]][1]
+        return TrtBuffers(
+            inputs=StaticInputs.alloc(key, self.device),
+            logits=torch.empty((b, k, s.vocab_size), dtype=self._io["logits"][1], device=self.device),
+            new_kv=[
+                torch.empty((b, s.num_kv_heads, t, s.head_dim), dtype=kv_dtype, device=self.device)
+                for _ in range(2 * s.num_layers)
+            ],
+        )
+
+    def _bind(self, key: Key, bufs: TrtBuffers) -> None:
+        """Profile, shapes and addresses for this key: host-side context state, set outside any capture."""
+        if self._bound is not None and self._bound[0] == key and self._bound[1] is bufs:
+            return
+        ctx = self.context
+        phase = PROFILE_DECODE if key[1] <= self.max_decode_tokens else PROFILE_PREFILL
+        profile = self._profiles[phase]
+        if profile != self._active_profile:
+            if not ctx.set_optimization_profile_async(profile, self._stream()):
+                raise MtadError(f"TensorRT refused to switch to optimization profile {phase}")
+            self._active_profile = profile
+        inputs = list(zip(STEP_INPUTS, bufs.inputs.tensors(), strict=True))
+        inputs += [(name, view) for (name, _), view in zip(self.spec.kv_names, self.cache.views, strict=True)]
+        for name, tensor in inputs:
+            if not ctx.set_input_shape(name, tuple(tensor.shape)):
+                lo, _, hi = self._profile_shapes[phase][name]
+                raise MtadError(
+                    f"{name} shape {tuple(tensor.shape)} is outside the plan's {phase} profile (min {lo}, max {hi}); "
+                    f"rebuild it with larger limits: `{self._rebuild}`, raising --max-prefill-tokens, "
+                    "--max-decode-tokens or --max-batch"
+                )
+            ctx.set_tensor_address(name, tensor.data_ptr())
+        ctx.set_tensor_address("logits", bufs.logits.data_ptr())
+        for (_, name), tensor in zip(self.spec.kv_names, bufs.new_kv, strict=True):
+            ctx.set_tensor_address(name, tensor.data_ptr())
+        self._bound = (key, bufs)
+
+    def _enqueue(self, bufs: TrtBuffers) -> TrtBuffers:
+        if not self.context.execute_async_v3(self._stream()):  # the capture stream, inside a capture
+            raise MtadError("TensorRT execute_async_v3 failed (see the TensorRT log above)")
+        return bufs
+
+    def step(self, inputs: StepInputs) -> np.ndarray:
+        key = check_step(inputs, self.batch, self.cache.size)
+        bufs = self.runner.buffers(key, lambda: self._alloc(key))
+        bufs.inputs.load(inputs)
+        self._bind(key, bufs)
+        self.runner.run(key, lambda: self._enqueue(bufs))
+        self._new_kv = bufs.new_kv
+        return self.host.fetch(bufs.logits)
+
+    def close(self) -> None:
+        self.runner.clear()
+        self._bound = None
+        self._new_kv = []
+        self.context = None
+        self.engine = None
