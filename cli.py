@@ -222,6 +222,33 @@ def generate(engines, backend, device, threads, decoder, gamma, beam_width, thre
         )
 
 
+# -- serve ----------------------------------------------------------------------------------------
+@main.command()
+@runtime_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback unless told otherwise).")
+@click.option("--port", default=8000, show_default=True)
+@click.option("--api-key", envvar="MTAD_TRT_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/* (or set MTAD_TRT_API_KEY).")
+@click.option("--decoder", type=click.Choice(DECODERS), default="mtad", show_default=True, help="Default decoder; requests may override.")
+@click.option("--gamma", default=4, show_default=True, help="Default draft depth γ.")
+@click.option("--beam-width", default=4, show_default=True, help="Default beam width B (mtad/mmtad).")
+@click.option("--threshold", default=0.5, show_default=True, help="Default acceptance threshold τ (mtad/mmtad).")
+@click.option("--max-queue", default=64, show_default=True, help="Requests that may wait for the worker; more get 429.")
+@click.option("--model-name", help="Model id clients send (default: the engine folder's name).")
+@click.option("--max-body-bytes", default=1 << 20, show_default=True, help="Larger request bodies get 413.")
+@click.option("--drain-timeout", default=30.0, show_default=True, help="On SIGTERM: seconds accepted requests may still run.")
+@friendly
+def serve(engines, backend, device, threads, host, port, api_key, decoder, gamma, beam_width, threshold,
+          max_queue, model_name, max_body_bytes, drain_timeout) -> None:
+    """Serve an engine folder over an OpenAI-compatible HTTP API (see docs/serve.md)."""
+    try:
+        from mtad_trt.server import serve as run_server
+    except ImportError as e:
+        raise MtadError(f"serving needs the 'serve' extra: pip install 'mtad-trt[serve]' ({e})") from e
+    run_server(engines, host=host, port=port, api_key=api_key, backend=backend, device=device, threads=threads,
+               decoder=decoder, gamma=gamma, beam_width=beam_width, threshold=threshold, max_queue=max_queue,
+               model_name=model_name, max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout)
+
+
 # -- bench ----------------------------------------------------------------------------------------
 @main.command()
 @runtime_options
