@@ -29,9 +29,11 @@ def example_inputs(spec: ModelSpec, dtype: torch.dtype, b: int = 1, t: int = 3, 
     return (ids, pos, mask, idx, *past)
 
 
-def export_onnx(model: torch.nn.Module, spec: ModelSpec, out_path: Path, opset: int = 18) -> None:
+def export_onnx(
+    model: torch.nn.Module, spec: ModelSpec, out_path: Path, opset: int = 18, attention: str = "grouped"
+) -> None:
     dtype = TORCH_DTYPES[spec.dtype]
-    wrapper = ContractWrapper(model).eval()
+    wrapper = ContractWrapper(model, attention).eval()
     args = example_inputs(spec, dtype)
     B, T, S, K = (torch.export.Dim(n, min=1) for n in ("B", "T", "S", "K"))
     kv_dims = {0: B, 2: S}

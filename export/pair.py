@@ -72,6 +72,7 @@ def export_role(
     tokenizer=None,
     block_size: int = 128,
     quantize_lm_head: bool = True,
+    attention: str = "grouped",
 ) -> RoleEntry:
     from mtad_trt.backends.ort import OrtEngine
 
@@ -83,7 +84,7 @@ def export_role(
     onnx_path = final_path if quant == "none" else folder / role / "float" / "model.onnx"
     say(f"{role}: exporting {spec.architecture} ({spec.num_layers} layers, vocab {spec.vocab_size}) to ONNX")
     try:
-        export_onnx(model, spec, onnx_path, opset=opset)
+        export_onnx(model, spec, onnx_path, opset=opset, attention=attention)
     except MtadError:
         raise
     except Exception as e:
@@ -153,6 +154,7 @@ def export_pair(
     quantize: dict[str, str] | None = None,
     block_size: int = 128,
     quantize_lm_head: bool = True,
+    attention: str = "grouped",
 ) -> Manifest:
     """Export `draft` (optional) and `target` into the engine folder `out`.
 
@@ -190,7 +192,7 @@ def export_pair(
                 roles[role] = export_role(
                     srcs[role], tmp, role, dtype, max_seq_len, opset, say,
                     quant=quantize.get(role, "none"), tokenizer=toks[role],
-                    block_size=block_size, quantize_lm_head=quantize_lm_head,
+                    block_size=block_size, quantize_lm_head=quantize_lm_head, attention=attention,
                 )
         eos = tok.eos_token_id
         manifest = Manifest(
@@ -199,7 +201,8 @@ def export_pair(
             eos_token_ids=[int(eos)] if eos is not None else [],
             pad_token_id=tok.pad_token_id,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            export_settings={"dtype": dtype, "opset": opset, "max_seq_len": max_seq_len, "quantize": quantize},
+            export_settings={"dtype": dtype, "opset": opset, "max_seq_len": max_seq_len, "quantize": quantize,
+                             "block_size": block_size, "attention": attention},
         )
         manifest.save(tmp)
         if out.exists():

@@ -54,15 +54,20 @@ def _cache_keyword(model: nn.Module) -> str:
 
 
 class ContractWrapper(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
+    """attention="grouped" (default) folds query heads onto KV heads; "eager" is transformers' own
+    repeat_kv formulation, kept to measure the difference."""
+
+    def __init__(self, model: nn.Module, attention: str = "grouped") -> None:
         super().__init__()
+        if attention not in ("grouped", "eager"):
+            raise ValueError(f"attention must be 'grouped' or 'eager', not {attention!r}")
         self.model = model
         cfg = model.config
         self.num_layers = cfg.num_hidden_layers
         self.decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         self.lm_head = model.get_output_embeddings()
         self.cache_kw = _cache_keyword(self.decoder)
-        cfg._attn_implementation = ATTN_NAME  # our grouped eager attention, exportable
+        cfg._attn_implementation = ATTN_NAME if attention == "grouped" else "eager"
         self.mask_dtype = next(model.parameters()).dtype
 
     def forward(self, input_ids, position_ids, attention_mask, logits_index, *past):

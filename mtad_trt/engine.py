@@ -12,7 +12,7 @@ their own static device buffers (which is also what makes CUDA-graph replay poss
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -83,3 +83,30 @@ def bucket_sizes(max_seq_len: int, smallest: int = 128) -> list[int]:
         s *= 2
     sizes.append(max_seq_len)
     return sizes
+
+
+class SlotCacheEngine:
+    """The cache half of `Engine`, shared by every backend: delegate to a slot cache object.
+
+    A backend sets `self.cache` (HostKVCache or TorchKVCache) and `self._new_kv` (the last step's
+    new K/V rows); what differs between backends is only `step`.
+    """
+
+    cache: Any
+    _new_kv: Any
+
+    @property
+    def capacity(self) -> int:
+        return self.cache.size
+
+    def reserve(self, slots: int) -> int:
+        return self.cache.reserve(slots)
+
+    def reset(self) -> None:
+        self.cache.reset()
+
+    def keep(self, row: int, src: np.ndarray, dst: np.ndarray) -> None:
+        self.cache.keep(self._new_kv, row, src, dst)
+
+    def move(self, row: int, src: np.ndarray, dst: np.ndarray) -> None:
+        self.cache.move(row, src, dst)

@@ -38,11 +38,12 @@ def test_engine_folder_contract(pair_engine):
     assert json.loads((pair_engine / "manifest.json").read_text())["format_version"] == 1
 
 
-@pytest.mark.parametrize("fixture", ["llama_target", "qwen_target"])
-def test_parity_tiny_models(request, fixture, tmp_path):
+@pytest.mark.parametrize("fixture,attention", [("llama_target", "grouped"), ("qwen_target", "grouped"),
+                                               ("qwen_target", "eager")])
+def test_parity_tiny_models(request, fixture, attention, tmp_path):
     src = request.getfixturevalue(fixture)
     out = tmp_path / "e"
-    m = export_pair(None, str(src), out, max_seq_len=128)
+    m = export_pair(None, str(src), out, max_seq_len=128, attention=attention)
     assert m.roles["target"].parity["worst"] <= 1e-4
     # Independently of the export's own check: several seeds of random text.
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
-from mtad_trt.engine import StepInputs
+from mtad_trt.engine import SlotCacheEngine, StepInputs
 from mtad_trt.errors import BackendUnavailable, EngineFolderError
 from mtad_trt.kvcache import NP_DTYPES, HostKVCache
 from mtad_trt.manifest import ModelSpec
 
 
-class OrtEngine:
+class OrtEngine(SlotCacheEngine):
     def __init__(
         self,
         onnx_path: str | Path,
@@ -61,22 +61,6 @@ class OrtEngine:
         if missing:
             raise EngineFolderError(f"{onnx_path} does not follow the graph contract: no input {sorted(missing)}")
 
-    # -- cache -------------------------------------------------------------------------------
-    @property
-    def capacity(self) -> int:
-        return self.cache.size
-
-    def reserve(self, slots: int) -> int:
-        return self.cache.reserve(slots)
-
-    def reset(self) -> None:
-        self.cache.reset()
-
-    def keep(self, row: int, src: np.ndarray, dst: np.ndarray) -> None:
-        self.cache.keep(self._new_kv, row, src, dst)
-
-    def move(self, row: int, src: np.ndarray, dst: np.ndarray) -> None:
-        self.cache.move(row, src, dst)
 
     # -- step --------------------------------------------------------------------------------
     def _outputs(self, b: int, t: int, k: int) -> tuple[np.ndarray, list[np.ndarray]]:

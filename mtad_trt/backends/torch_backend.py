@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from mtad_trt.cuda_graphs import Capturer, GraphRunner, Key, StaticInputs, TorchCudaCapturer
-from mtad_trt.engine import StepInputs, bucket_sizes
+from mtad_trt.engine import SlotCacheEngine, StepInputs, bucket_sizes
 from mtad_trt.errors import BackendUnavailable, CapacityError, EngineFolderError, MtadError
 from mtad_trt.manifest import Manifest, ModelSpec
 
@@ -87,6 +87,7 @@ class TorchKVCache:
     def _index(self, idx: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(np.asarray(idx, dtype=np.int64)).to(self.device, non_blocking=True)
 
+    @torch.no_grad()
     def keep(self, new_kv: list[torch.Tensor], row: int, src: np.ndarray, dst: np.ndarray) -> None:
         if len(src) == 0:
             return
@@ -94,6 +95,7 @@ class TorchKVCache:
         for cache, new in zip(self.views, new_kv, strict=True):
             cache[row].index_copy_(1, d, new[row].index_select(1, s))
 
+    @torch.no_grad()
     def move(self, row: int, src: np.ndarray, dst: np.ndarray) -> None:
         if len(src) == 0:
             return
@@ -173,7 +175,7 @@ def runtime_dtype(spec_dtype: str, device: torch.device, override: str | None = 
     return want
 
 
-class TorchEngine:
+class TorchEngine(SlotCacheEngine):
     def __init__(
         self,
         model: torch.nn.Module,
@@ -226,28 +228,11 @@ class TorchEngine:
         check_model(model, entry.spec, str(path))
         return cls(model, entry.spec, device=device, threads=threads, dtype=dtype, **kwargs)
 
-    # -- cache -------------------------------------------------------------------------------
-    @property
-    def capacity(self) -> int:
-        return self.cache.size
-
+    # -- cache (capacity/reserve/reset/keep/move come from SlotCacheEngine) ----
     @property
     def graph_stats(self) -> dict[str, int]:
         return self.runner.stats
 
-    def reserve(self, slots: int) -> int:
-        return self.cache.reserve(slots)
-
-    def reset(self) -> None:
-        self.cache.reset()
-
-    def keep(self, row: int, src: np.ndarray, dst: np.ndarray) -> None:
-        with torch.no_grad():
-            self.cache.keep(self._new_kv, row, src, dst)
-
-    def move(self, row: int, src: np.ndarray, dst: np.ndarray) -> None:
-        with torch.no_grad():
-            self.cache.move(row, src, dst)
 
     # -- step --------------------------------------------------------------------------------
     def step(self, inputs: StepInputs) -> np.ndarray:

@@ -22,7 +22,7 @@ import torch
 
 from mtad_trt.backends.torch_backend import DTYPE_NAMES, HostLogits, TorchKVCache, check_step
 from mtad_trt.cuda_graphs import Capturer, GraphRunner, Key, StaticInputs, TorchCudaCapturer
-from mtad_trt.engine import StepInputs
+from mtad_trt.engine import SlotCacheEngine, StepInputs
 from mtad_trt.errors import BackendUnavailable, EngineFolderError, MtadError
 from mtad_trt.manifest import Manifest, ModelSpec
 
@@ -159,7 +159,7 @@ class TrtBuffers:
     new_kv: list[torch.Tensor]
 
 
-class TrtEngine:
+class TrtEngine(SlotCacheEngine):
     def __init__(
         self,
         plan_path: str | Path,
@@ -245,26 +245,11 @@ class TrtEngine:
             )
         return io
 
-    # -- cache -------------------------------------------------------------------------------
-    @property
-    def capacity(self) -> int:
-        return self.cache.size
-
+    # -- cache (capacity/reserve/reset/keep/move come from SlotCacheEngine) ----
     @property
     def graph_stats(self) -> dict[str, int]:
         return self.runner.stats
 
-    def reserve(self, slots: int) -> int:
-        return self.cache.reserve(slots)
-
-    def reset(self) -> None:
-        self.cache.reset()
-
-    def keep(self, row: int, src: np.ndarray, dst: np.ndarray) -> None:
-        self.cache.keep(self._new_kv, row, src, dst)
-
-    def move(self, row: int, src: np.ndarray, dst: np.ndarray) -> None:
-        self.cache.move(row, src, dst)
 
     # -- step --------------------------------------------------------------------------------
     def _stream(self) -> int:
