@@ -270,9 +270,11 @@ def serve(engines, backend, device, threads, host, port, api_key, decoder, gamma
               help="auto | nvml | jetson | tegrastats | rapl | none")
 @click.option("--peers", default="", help="Comma-separated peers run on the same prompts: hf, hf-ar.")
 @click.option("--out", default="bench-out", show_default=True, type=click.Path(path_type=Path))
+@click.option("--score-engines", type=click.Path(path_type=Path), default=None,
+              help="Score perplexity with this engine folder's target (e.g. the float32 export of an int4 pair).")
 @friendly
 def bench(engines, backend, device, threads, decoders, prompt_set, n, max_new_tokens, temperature, top_k, top_p,
-          gamma, beam_width, threshold, seed, energy_kind, peers, out) -> None:
+          gamma, beam_width, threshold, seed, energy_kind, peers, out, score_engines) -> None:
     """Speed, acceptance, perplexity, pass@1 and energy per token for each decoder."""
     from rich.progress import Progress
 
@@ -282,7 +284,8 @@ def bench(engines, backend, device, threads, decoders, prompt_set, n, max_new_to
                       n=n, max_new_tokens=max_new_tokens, backend=backend, device=device, threads=threads,
                       seed=seed, temperature=temperature, top_k=top_k, top_p=top_p, gamma=gamma,
                       beam_width=beam_width, threshold=threshold, energy=energy_kind,
-                      peers=tuple(p for p in peers.split(",") if p), out=str(out))
+                      peers=tuple(p for p in peers.split(",") if p), out=str(out),
+                      score_engines=str(score_engines) if score_engines else None)
     with Progress(transient=True) as bar:
         tasks: dict[str, int] = {}
 

@@ -52,6 +52,7 @@ class BenchConfig:
     warmup: int = 1
     peers: tuple[str, ...] = ()
     out: str = "bench-out"
+    score_engines: str | None = None  # score perplexity with this folder's target (e.g. float32 for int4 runs)
     extra: dict = field(default_factory=dict)
 
 
@@ -80,10 +81,10 @@ def run_request(pipe: Pipeline, ids: list[int], settings: dict) -> dict:
             "tpot_s": timing.tpot_s}
 
 
-def _score(pipe: Pipeline, ids: list[int], gen: list[int]) -> np.ndarray:
+def _score(scorer: Pipeline, ids: list[int], gen: list[int]) -> np.ndarray:
     """Raw-target log-probs of the generated tokens, cut at the first EOS (EOS itself excluded)."""
-    cut = next((i for i, t in enumerate(gen) if t in pipe.eos_ids), len(gen))
-    return token_logprobs(pipe.target, ids, gen[:cut]) if cut else np.zeros(0)
+    cut = next((i for i, t in enumerate(gen) if t in scorer.eos_ids), len(gen))
+    return token_logprobs(scorer.target, ids, gen[:cut]) if cut else np.zeros(0)
 
 
 def summarize(rows: list[dict], gamma: int, reading: energy.EnergyReading | None) -> dict:
@@ -118,6 +119,21 @@ def summarize(rows: list[dict], gamma: int, reading: energy.EnergyReading | None
     return out
 
 
+def _generate_all(pipe, meter, cfg, decoder, items, encoded, stops, progress) -> dict:
+    """All prompts through one decoder inside one timing/energy window (after warm-up)."""
+    for w in range(cfg.warmup):
+        run_request(pipe, encoded[w % len(encoded)], _settings(cfg, decoder, cfg.seed, stops) | {"max_new_tokens": 8})
+    rows = []
+    meter.start()
+    for i, (p, ids) in enumerate(zip(items, encoded, strict=True)):
+        row = run_request(pipe, ids, _settings(cfg, decoder, cfg.seed + i, stops))
+        row["prompt_id"] = p.id
+        rows.append(row)
+        if progress:
+            progress(decoder, i + 1, len(items))
+    return {"rows": rows, "reading": meter.stop()}
+
+
 def run_bench(cfg: BenchConfig, progress: Callable[[str, int, int], None] | None = None) -> dict:
     for d in cfg.decoders:
         if d not in DECODERS:
@@ -137,33 +153,31 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str, int, int], None] | None
         sync = torch.cuda.synchronize  # queued GPU work must land inside the measured window
     meter = energy.open_meter(cfg.energy, device="cuda" if on_gpu else "cpu", sync=sync)
     encoded = [pipe.encode(p.text, chat=p.chat) for p in items]
-    results: dict[str, dict] = {}
     try:
-        for decoder in cfg.decoders:
-            for w in range(cfg.warmup):
-                run_request(pipe, encoded[w % len(encoded)], _settings(cfg, decoder, cfg.seed, stops) | {"max_new_tokens": 8})
-            rows = []
-            meter.start()
-            for i, (p, ids) in enumerate(zip(items, encoded, strict=True)):
-                row = run_request(pipe, ids, _settings(cfg, decoder, cfg.seed + i, stops))
-                row["prompt_id"] = p.id
-                rows.append(row)
-                if progress:
-                    progress(decoder, i + 1, len(items))
-            reading = meter.stop()
-            for row, ids in zip(rows, encoded, strict=True):  # quality, outside the timed window
-                row["logprobs"] = _score(pipe, ids, row["token_ids"])
+        results = {d: _generate_all(pipe, meter, cfg, d, items, encoded, stops, progress) for d in cfg.decoders}
+    finally:
+        meter.close()
+        pipe.close()  # free the generating engines before a float32 scorer loads
+    # Quality, outside every timed window: perplexity under a raw target, HumanEval in the sandbox.
+    scorer = Pipeline.load(cfg.score_engines or cfg.engines, backend=cfg.backend, device=cfg.device,
+                           threads=cfg.threads, load_draft=False)
+    try:
+        if scorer.tokenizer.get_vocab() != pipe.tokenizer.get_vocab():
+            raise MtadError(f"{cfg.score_engines} uses another tokenizer than {cfg.engines}: cannot score with it")
+        for decoder, res in results.items():
+            rows = res["rows"]
+            for row, ids in zip(rows, encoded, strict=True):
+                row["logprobs"] = _score(scorer, ids, row["token_ids"])
             if humaneval:
                 from mtad_trt.sandbox import check_correctness_batch
 
-                res = check_correctness_batch([(p.meta, r["text"]) for p, r in zip(items, rows, strict=True)], timeout_s=5.0)
-                for row, r in zip(rows, res, strict=True):
+                done = check_correctness_batch([(p.meta, r["text"]) for p, r in zip(items, rows, strict=True)],
+                                               timeout_s=5.0)
+                for row, r in zip(rows, done, strict=True):
                     row["passed"], row["sandbox_status"] = r.passed, r.status
-            results[decoder] = {"summary": summarize(rows, cfg.gamma if decoder != "ar" else 0, reading),
-                                "rows": rows}
+            res["summary"] = summarize(rows, cfg.gamma if decoder != "ar" else 0, res.pop("reading"))
     finally:
-        meter.close()
-        pipe.close()
+        scorer.close()
     for peer in cfg.peers:
         from mtad_trt.peers import run_peer
 
@@ -220,6 +234,7 @@ def markdown(record: dict) -> str:
         f"- prompts: {s['prompts']} × {s['n']}, {s['max_new_tokens']} new tokens, T={s['temperature']}, "
         f"top-k {s['top_k']}, top-p {s['top_p']}, γ={s['gamma']}, B={s['beam_width']}, τ={s['threshold']}, seed {s['seed']}",
         f"- energy: {record['energy_method']}",
+        f"- perplexity scored by: `{s.get('score_engines') or s['engines']}` target (raw softmax, EOS-truncated)",
         "",
         "| decoder | tok/s | TTFT p50 s | TPOT p50 ms | tokens/target call | acceptance | PPL (target) | pass@1 | J/token |",
         "|---|---|---|---|---|---|---|---|---|",
