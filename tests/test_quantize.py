@@ -17,14 +17,16 @@ from toy import BigramEngine
 @pytest.fixture(scope="module")
 def int4_engine(tmp_path_factory, qwen_draft, qwen_target):
     out = tmp_path_factory.mktemp("q") / "int4"
-    export_pair(str(qwen_draft), str(qwen_target), out, max_seq_len=256, quantize={"draft": "int4", "target": "int8"})
+    # block 32: the tiny models' 64-wide matrices are smaller than the default block of 128
+    export_pair(str(qwen_draft), str(qwen_target), out, max_seq_len=256, quantize={"draft": "int4", "target": "int8"},
+                block_size=32)
     return out
 
 
 def test_manifest_records_scheme_and_quality(int4_engine):
     m = Manifest.load(int4_engine)
     d, t = m.roles["draft"].quantization, m.roles["target"].quantization
-    assert (d["scheme"], d["bits"], t["scheme"], t["bits"]) == ("int4", 4, "int8", 8)
+    assert (d["scheme"], d["bits"], t["scheme"], t["bits"], d["block_size"]) == ("int4", 4, "int8", 8, 32)
     for q in (d, t):
         assert q["op"] == "MatMulNBits" and q["quantized_matmuls"] > 0
         assert q["quality"]["ppl_float"] > 0 and q["quality"]["ppl_quantized"] > 0
