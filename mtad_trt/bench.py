@@ -107,7 +107,8 @@ def summarize(rows: list[dict], gamma: int, reading: energy.EnergyReading | None
         "tokens_per_target_call": gen / calls if calls else 0.0,
         "acceptance_rate": acc / (iters * gamma) if iters and gamma else None,
         "accepted_per_position": [float(x) / iters for x in per_pos] if iters else [],
-        "perplexity": metrics.perplexity(lps) if lps else None,
+        "perplexity": metrics.perplexity(lps) if lps else None,  # the paper's: mean over samples
+        "perplexity_token_weighted": metrics.token_weighted_perplexity(lps) if lps else None,
         "time_split_s": {k: sum(s[k] for s in st) for k in ("prefill_s", "draft_s", "verify_s", "other_s")},
     }
     if reading is not None:
@@ -195,6 +196,7 @@ def _record(cfg: BenchConfig, pipe: Pipeline, meter, results: dict) -> dict:
         for row in res.get("rows", []):
             lp = row.pop("logprobs", None)
             row["mean_logprob"] = float(np.mean(lp)) if lp is not None and len(lp) else None
+            row["scored_tokens"] = 0 if lp is None else len(lp)
     return {
         "record_version": RECORD_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -236,19 +238,20 @@ def markdown(record: dict) -> str:
         f"- energy: {record['energy_method']}",
         f"- perplexity scored by: `{s.get('score_engines') or s['engines']}` target (raw softmax, EOS-truncated)",
         "",
-        "| decoder | tok/s | TTFT p50 s | TPOT p50 ms | tokens/target call | acceptance | PPL (target) | pass@1 | J/token |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| decoder | tok/s | TTFT p50 s | TPOT p50 ms | tokens/target call | acceptance | PPL (target) | PPL token-weighted | pass@1 | J/token |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, res in record["results"].items():
         m = res["summary"]
         tpot = m.get("tpot_s") or {}
         if name.startswith("peer:"):
-            lines.append(f"| {name} | {_fmt(m['tokens_per_s'])} | – | – | – | – | – | – | – |")
+            lines.append(f"| {name} | {_fmt(m['tokens_per_s'])} | – | – | – | – | – | – | – | – |")
             continue
         lines.append(
             f"| {name} | {_fmt(m['tokens_per_s'])} | {_fmt((m.get('ttft_s') or {}).get('p50'), '.3f')} | "
             f"{_fmt(tpot.get('p50', None) and 1000 * tpot['p50'], '.1f')} | {_fmt(m.get('tokens_per_target_call'))} | "
-            f"{_fmt(m.get('acceptance_rate'))} | {_fmt(m.get('perplexity'), '.3f')} | {_fmt(m.get('pass_at_1'))} | "
+            f"{_fmt(m.get('acceptance_rate'))} | {_fmt(m.get('perplexity'), '.3f')} | "
+            f"{_fmt(m.get('perplexity_token_weighted'), '.3f')} | {_fmt(m.get('pass_at_1'))} | "
             f"{_fmt(m.get('joules_per_token'), '.3f')} |"
         )
     return "\n".join(lines) + "\n"

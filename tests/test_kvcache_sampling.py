@@ -86,3 +86,16 @@ def test_greedy_is_one_hot_and_sampling_follows_probs():
     probs = np.array([0.2, 0.5, 0.3])
     draws = sample_many(probs, 60000, np.random.default_rng(0))
     np.testing.assert_allclose(np.bincount(draws, minlength=3) / 60000, probs, atol=0.01)
+
+
+def test_process_ties_at_the_kth_logit_are_kept():
+    logits = np.array([3.0, 2.0, 2.0, 2.0, 1.0, 0.0])
+    got = process(logits, SamplingParams(temperature=1, top_k=2, top_p=1.0))
+    assert (got > 0).tolist() == [True, True, True, True, False, False]
+    np.testing.assert_allclose(got, reference_process(logits, 1.0, 2, 1.0), atol=1e-12)
+
+
+def test_process_batched_rows_match_single_rows():
+    logits = np.random.default_rng(3).normal(0, 2, (5, 300)).astype(np.float32)
+    sp = SamplingParams(temperature=0.8, top_k=10, top_p=0.9)
+    np.testing.assert_allclose(process(logits, sp), np.stack([process(r, sp) for r in logits]), atol=1e-12)
