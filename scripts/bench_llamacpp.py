@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """CPU fast-path comparison: AR decode speed of mtad-trt engines vs llama.cpp on the same prompts.
 
-llama.cpp runs the target's original Q4_K_M GGUF through the `llama-cpp-python` package (it builds
-llama.cpp from source: `pip install llama-cpp-python`; kept out of the test suite). Both sides
+llama.cpp runs the target's original Q4_K_M GGUF through the `llama-cpp-python` package, which
+builds llama.cpp from source and is kept out of the test suite. On our VMs the default
+(-march=native) build crashed with a general protection fault in libggml-cpu; this build works:
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" pip install llama-cpp-python Both sides
 decode greedily from the same token ids, with the same thread count; decode tokens/s counts the
 tokens after the first (prefill excluded), median over prompts.
 
