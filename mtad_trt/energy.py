@@ -35,6 +35,7 @@ device: pass `sync` (e.g. `torch.cuda.synchronize`) so queued kernels land insid
 
 from __future__ import annotations
 
+import abc
 import glob
 import os
 import re
@@ -172,7 +173,7 @@ def integrate_trapezoid(times: Sequence[float], watts: Sequence[float]) -> float
     return total
 
 
-class _WindowMeter:
+class _WindowMeter(abc.ABC):
     """start/read/stop bookkeeping shared by all meters; subclasses implement the hooks."""
 
     name = "meter"
@@ -185,16 +186,17 @@ class _WindowMeter:
         self._closed = False
 
     # hooks ------------------------------------------------------------------------------
-    def _begin(self, t0: float) -> None:
+    def _begin(self, t0: float) -> None:  # noqa: B027 - optional hook, no-op by default
         """Take the start-of-window readings."""
 
+    @abc.abstractmethod
     def _reading(self, t0: float, t: float, final: bool) -> EnergyReading:
-        raise NotImplementedError
+        """The window's energy so far (final=True at stop())."""
 
-    def _end(self) -> None:
+    def _end(self) -> None:  # noqa: B027 - optional hook
         """Stop per-window threads."""
 
-    def _release(self) -> None:
+    def _release(self) -> None:  # noqa: B027 - optional hook
         """Release long-lived resources (close())."""
 
     # interface --------------------------------------------------------------------------
@@ -382,7 +384,7 @@ class PowerSamplingMeter(_WindowMeter):
             return float(self._total(ch))
         return float(sum(ch.values()))
 
-    def _begin(self, t0: float) -> None:
+    def _begin(self, t0: float) -> None:  # noqa: B027 - optional hook, no-op by default
         try:
             self._sampler.begin()
         except MtadError:
@@ -390,7 +392,7 @@ class PowerSamplingMeter(_WindowMeter):
         except Exception as e:
             raise MtadError(f"{self.name}: reading power failed at window start: {e}") from e
 
-    def _end(self) -> None:
+    def _end(self) -> None:  # noqa: B027 - optional hook
         self._sampler.end()
 
     def _extra_details(self, final: bool) -> dict[str, Any]:
@@ -550,7 +552,7 @@ class NvmlEnergyMeter(_WindowMeter):
         self._e0 = 0
         self._clocks0: dict[str, int] = {}
 
-    def _begin(self, t0: float) -> None:
+    def _begin(self, t0: float) -> None:  # noqa: B027 - optional hook, no-op by default
         try:
             self._e0 = self._dev.energy_mj()
         except Exception as e:
@@ -559,7 +561,7 @@ class NvmlEnergyMeter(_WindowMeter):
         if self._peak is not None:
             self._peak.begin()
 
-    def _end(self) -> None:
+    def _end(self) -> None:  # noqa: B027 - optional hook
         if self._peak is not None:
             self._peak.end()
 
@@ -589,7 +591,7 @@ class NvmlEnergyMeter(_WindowMeter):
         seconds = t - t0
         return EnergyReading(joules, seconds, _avg(joules, seconds), peak, self.method, details)
 
-    def _release(self) -> None:
+    def _release(self) -> None:  # noqa: B027 - optional hook
         self._dev.close()
 
 
@@ -634,7 +636,7 @@ class NvmlPowerMeter(PowerSamplingMeter):
     def _extra_details(self, final: bool) -> dict[str, Any]:
         return {"clocks_end": self._dev.clocks()}
 
-    def _release(self) -> None:
+    def _release(self) -> None:  # noqa: B027 - optional hook
         self._dev.close()
 
 
@@ -878,7 +880,7 @@ class JetsonMeter(PowerSamplingMeter):
         )
         self._clocks0: dict[str, int] = {}
 
-    def _begin(self, t0: float) -> None:
+    def _begin(self, t0: float) -> None:  # noqa: B027 - optional hook, no-op by default
         super()._begin(t0)  # first sample right at the window start; clocks after it
         self._clocks0 = read_clocks(self._root)
 
@@ -1039,7 +1041,7 @@ class TegrastatsMeter(_WindowMeter):
     def _watts(self, s: TegrastatsSample) -> float:
         return self._total_fn({k: v / 1000.0 for k, v in s.rails_mw.items()})
 
-    def _begin(self, t0: float) -> None:
+    def _begin(self, t0: float) -> None:  # noqa: B027 - optional hook, no-op by default
         if self._proc.poll() is not None:
             raise MtadError(f"tegrastats exited (status {self._proc.returncode})")
         self._clocks0 = read_clocks(self._root)
@@ -1047,7 +1049,7 @@ class TegrastatsMeter(_WindowMeter):
             assert self._last is not None
             self._window = [(t0, self._last[1])]  # hold the latest value back to the window start
 
-    def _end(self) -> None:
+    def _end(self) -> None:  # noqa: B027 - optional hook
         with self._lock:
             self._window = None
 
@@ -1076,7 +1078,7 @@ class TegrastatsMeter(_WindowMeter):
         seconds = t - t0
         return EnergyReading(joules, seconds, _avg(joules, seconds), max(watts), self.method, details)
 
-    def _release(self) -> None:
+    def _release(self) -> None:  # noqa: B027 - optional hook
         if self._proc.poll() is None:
             try:
                 os.killpg(self._proc.pid, signal.SIGTERM)
@@ -1235,7 +1237,7 @@ class RaplMeter(_WindowMeter):
             except (OSError, ValueError):
                 pass  # a torn read; the next poll catches up (the counter is cumulative)
 
-    def _begin(self, t0: float) -> None:
+    def _begin(self, t0: float) -> None:  # noqa: B027 - optional hook, no-op by default
         with self._lock:
             try:
                 self._prev = {z.id: z.read_uj() for z in self.zones}
@@ -1248,7 +1250,7 @@ class RaplMeter(_WindowMeter):
             self._thread = threading.Thread(target=self._run, name="mtad-rapl", daemon=True)
             self._thread.start()
 
-    def _end(self) -> None:
+    def _end(self) -> None:  # noqa: B027 - optional hook
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5.0)
