@@ -271,10 +271,7 @@ def plots(record: dict, out: Path) -> list[Path]:
     axes[0].set_title("output tokens/s")
     axes[1].bar(names, [res[n].get("perplexity") or 0 for n in names], color="tab:orange")
     axes[1].set_title("perplexity under the target (lower is better)")
-    fig.tight_layout()
-    files.append(out / "speed_quality.png")
-    fig.savefig(files[-1], dpi=100)
-    plt.close(fig)
+    files.append(_save(fig, out / "speed_quality.png"))
     spec = [n for n in names if res[n].get("accepted_per_position")]
     if spec:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -283,20 +280,23 @@ def plots(record: dict, out: Path) -> list[Path]:
         ax.set_xlabel("draft position")
         ax.set_ylabel("share of rounds accepting it")
         ax.legend()
-        fig.tight_layout()
-        files.append(out / "acceptance_per_position.png")
-        fig.savefig(files[-1], dpi=100)
-        plt.close(fig)
+        files.append(_save(fig, out / "acceptance_per_position.png"))
     measured = [n for n in names if res[n].get("joules_per_token")]
     if measured:
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.bar(measured, [res[n]["joules_per_token"] for n in measured], color="tab:green")
         ax.set_title("energy per output token (J)")
-        fig.tight_layout()
-        files.append(out / "energy_per_token.png")
-        fig.savefig(files[-1], dpi=100)
-        plt.close(fig)
+        files.append(_save(fig, out / "energy_per_token.png"))
     return files
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def write_report(record: dict, out: str | Path) -> list[Path]:

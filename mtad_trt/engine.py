@@ -16,6 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from mtad_trt.errors import CapacityError
 from mtad_trt.manifest import ModelSpec
 
 
@@ -83,6 +84,15 @@ def bucket_sizes(max_seq_len: int, smallest: int = 128) -> list[int]:
         s *= 2
     sizes.append(max_seq_len)
     return sizes
+
+
+def next_bucket(buckets: list[int], size: int, slots: int, capacity: int) -> int | None:
+    """The bucket to grow to so `slots` fit, or None when the current `size` already holds them."""
+    if slots <= size:
+        return None
+    if slots > capacity:
+        raise CapacityError(f"needs {slots} KV slots; the engine's capacity is {capacity}")
+    return next(b for b in buckets if b >= slots)
 
 
 class SlotCacheEngine:

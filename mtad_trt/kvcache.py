@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mtad_trt.engine import bucket_sizes
+from mtad_trt.engine import bucket_sizes, next_bucket
 from mtad_trt.errors import CapacityError
 from mtad_trt.manifest import ModelSpec
 
@@ -37,11 +37,9 @@ class HostKVCache:
         self.views = [f[:n].reshape(shape) for f in self._flat]
 
     def reserve(self, slots: int) -> int:
-        if slots <= self.size:
+        new = next_bucket(self.buckets, self.size, slots, self.spec.max_seq_len)
+        if new is None:
             return self.size
-        if slots > self.spec.max_seq_len:
-            raise CapacityError(f"needs {slots} KV slots; the engine's capacity is {self.spec.max_seq_len}")
-        new = next(b for b in self.buckets if b >= slots)
         old, rows, d = self.size, self.batch * self.spec.num_kv_heads, self.spec.head_dim
         for f in self._flat:
             # Row r moves from [r*old*d, ...) to [r*new*d, ...); going from the last row down never

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from mtad_trt.cuda_graphs import Capturer, GraphRunner, Key, StaticInputs, TorchCudaCapturer
-from mtad_trt.engine import SlotCacheEngine, StepInputs, bucket_sizes
-from mtad_trt.errors import BackendUnavailable, CapacityError, EngineFolderError, MtadError
+from mtad_trt.engine import SlotCacheEngine, StepInputs, bucket_sizes, next_bucket
+from mtad_trt.errors import BackendUnavailable, EngineFolderError, MtadError
 from mtad_trt.manifest import Manifest, ModelSpec
 
 log = logging.getLogger("mtad_trt")
@@ -64,11 +64,9 @@ class TorchKVCache:
         self.views = list(self.all_layers.unbind(0))
 
     def reserve(self, slots: int) -> int:
-        if slots <= self.size:
+        new = next_bucket(self.buckets, self.size, slots, self.spec.max_seq_len)
+        if new is None:
             return self.size
-        if slots > self.spec.max_seq_len:
-            raise CapacityError(f"needs {slots} KV slots; the engine's capacity is {self.spec.max_seq_len}")
-        new = next(b for b in self.buckets if b >= slots)
         old, rows, d = self.size, self._rows, self.spec.head_dim
         for f in self._flat:  # one layer at a time: the temporary copy stays one layer's bucket
             kept = f[: rows * old * d].view(rows, old * d).clone()
