@@ -16,7 +16,7 @@ import click
 
 from mtad_trt import __version__
 from mtad_trt.errors import MtadError
-from mtad_trt.params import DECODERS
+from mtad_trt.params import DECODERS, DEFAULTS
 
 BACKEND_CHOICE = click.Choice(["auto", "ort", "torch", "trt"])
 DEVICE_CHOICE = click.Choice(["auto", "cpu", "cuda"])
@@ -37,6 +37,17 @@ def friendly(fn):
             sys.exit(130)
 
     return run
+
+
+def with_options(options: list):
+    """Apply a list of click decorators in order (the first is the outermost)."""
+
+    def apply(fn):
+        for opt in reversed(options):
+            fn = opt(fn)
+        return fn
+
+    return apply
 
 
 def _progress():
@@ -65,14 +76,14 @@ def models() -> None:
 @friendly
 def models_fetch(names: tuple[str, ...]) -> None:
     """Install, assemble, verify and convert named models (default: the default pair)."""
-    from mtad_trt.export import defaults
+    from mtad_trt.export import registry
 
-    names = names or (defaults.DEFAULT_DRAFT, defaults.DEFAULT_TARGET)
+    names = names or (registry.DEFAULT_DRAFT, registry.DEFAULT_TARGET)
     say = _progress()
     for name in names:
-        if name not in defaults.DEFAULT_MODELS:
-            raise MtadError(f"unknown model '{name}' (known: {', '.join(defaults.DEFAULT_MODELS)})")
-        path = defaults.fetch(name, progress=say)
+        if name not in registry.DEFAULT_MODELS:
+            raise MtadError(f"unknown model '{name}' (known: {', '.join(registry.DEFAULT_MODELS)})")
+        path = registry.fetch(name, progress=say)
         click.echo(f"{name}: {path}")
 
 
@@ -80,9 +91,9 @@ def models_fetch(names: tuple[str, ...]) -> None:
 @friendly
 def models_list() -> None:
     """Show the named models and whether they are available locally."""
-    from mtad_trt.export import defaults
+    from mtad_trt.export import registry
 
-    for row in defaults.list_local():
+    for row in registry.list_local():
         click.echo(f"{row['name']:<22} {row.get('state', ''):<16} {row.get('path', '')}")
 
 
@@ -132,9 +143,26 @@ def parse_quantize(text: str) -> dict[str, str]:
     return out
 
 
+def engines_option(fn):
+    """The engine folder, as a positional argument or as --engines (both forms work everywhere)."""
+
+    @click.argument("engines_arg", metavar="[ENGINES]", required=False, type=click.Path(path_type=Path))
+    @click.option("--engines", "engines_opt", type=click.Path(path_type=Path), help="Engine folder (or give it positionally).")
+    @wraps(fn)
+    def run(*args, engines_arg=None, engines_opt=None, **kwargs):
+        if engines_arg and engines_opt and engines_arg != engines_opt:
+            raise click.UsageError(f"two engine folders given: {engines_arg} and --engines {engines_opt}")
+        engines = engines_arg or engines_opt
+        if engines is None:
+            raise click.UsageError("no engine folder given (ENGINES or --engines DIR)")
+        return fn(*args, engines=engines, **kwargs)
+
+    return run
+
+
 # -- build --------------------------------------------------------------------------------------
 @main.command()
-@click.argument("engines", type=click.Path(path_type=Path))
+@engines_option
 @click.option("--precision", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True)
 @click.option("--max-batch", default=1, show_default=True)
 @click.option("--max-seq-len", type=int, default=None, help="KV capacity of the plans (default: the export's).")
@@ -157,35 +185,35 @@ def build(engines, precision, max_batch, max_seq_len, max_decode_tokens, max_pre
 
 
 # -- generate -------------------------------------------------------------------------------------
-def runtime_options(fn):
-    for opt in reversed(
-        [
-            click.option("--engines", required=True, type=click.Path(path_type=Path), help="Engine folder."),
-            click.option("--backend", type=BACKEND_CHOICE, default="auto", show_default=True),
-            click.option("--device", type=DEVICE_CHOICE, default="auto", show_default=True),
-            click.option("--threads", default=1, show_default=True, help="Intra-op threads per model (CPU)."),
-        ]
-    ):
-        fn = opt(fn)
-    return fn
+runtime_options = with_options([
+    engines_option,
+    click.option("--backend", type=BACKEND_CHOICE, default="auto", show_default=True),
+    click.option("--device", type=DEVICE_CHOICE, default="auto", show_default=True),
+    click.option("--threads", default=1, show_default=True, help="Intra-op threads per model (CPU)."),
+])
 
 
-def decode_options(fn):
-    for opt in reversed(
-        [
-            click.option("--decoder", type=click.Choice(DECODERS), default="mtad", show_default=True),
-            click.option("--gamma", default=4, show_default=True, help="Draft depth γ."),
-            click.option("--beam-width", default=4, show_default=True, help="Beam width B (mtad/mmtad)."),
-            click.option("--threshold", default=0.5, show_default=True, help="Acceptance threshold τ (mtad/mmtad)."),
-            click.option("--max-new-tokens", default=128, show_default=True),
-            click.option("--temperature", default=1.0, show_default=True, help="0 = greedy."),
-            click.option("--top-k", default=10, show_default=True, help="0 = off."),
-            click.option("--top-p", default=0.9, show_default=True, help="1 = off."),
-            click.option("--seed", type=int, default=None),
-        ]
-    ):
-        fn = opt(fn)
-    return fn
+def speculation_options(what: str = "") -> list:
+    """--decoder, --gamma, --beam-width, --threshold with the runtime's defaults (params.DEFAULTS)."""
+    return [
+        click.option("--decoder", type=click.Choice(DECODERS), default=DEFAULTS["decoder"], show_default=True,
+                     help=f"{what}Decoder."),
+        click.option("--gamma", default=DEFAULTS["gamma"], show_default=True, help=f"{what}Draft depth γ."),
+        click.option("--beam-width", default=DEFAULTS["beam_width"], show_default=True,
+                     help=f"{what}Beam width B (mtad/mmtad)."),
+        click.option("--threshold", default=DEFAULTS["threshold"], show_default=True,
+                     help=f"{what}Acceptance threshold τ (mtad/mmtad)."),
+    ]
+
+
+decode_options = with_options([
+    *speculation_options(),
+    click.option("--max-new-tokens", default=DEFAULTS["max_new_tokens"], show_default=True),
+    click.option("--temperature", default=DEFAULTS["temperature"], show_default=True, help="0 = greedy."),
+    click.option("--top-k", default=DEFAULTS["top_k"], show_default=True, help="0 = off."),
+    click.option("--top-p", default=DEFAULTS["top_p"], show_default=True, help="1 = off."),
+    click.option("--seed", type=int, default=None),
+])
 
 
 @main.command()
@@ -211,7 +239,7 @@ def generate(engines, backend, device, threads, decoder, gamma, beam_width, thre
             out = pipe.generate(prompt, chat=chat, **settings)
             click.echo(json.dumps({**out.to_dict(), "backend": pipe.backend}))
             return
-        from mtad_trt.decoders import Stats
+        from mtad_trt.stats import Stats
 
         stats = Stats()
         for piece in pipe.stream(prompt, chat=chat, stats=stats, **settings):
@@ -231,11 +259,8 @@ def generate(engines, backend, device, threads, decoder, gamma, beam_width, thre
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback unless told otherwise).")
 @click.option("--port", default=8000, show_default=True)
 @click.option("--api-key", envvar="MTAD_TRT_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/* (or set MTAD_TRT_API_KEY).")
-@click.option("--decoder", type=click.Choice(DECODERS), default="mtad", show_default=True, help="Default decoder; requests may override.")
-@click.option("--gamma", default=4, show_default=True, help="Default draft depth γ.")
-@click.option("--beam-width", default=4, show_default=True, help="Default beam width B (mtad/mmtad).")
-@click.option("--threshold", default=0.5, show_default=True, help="Default acceptance threshold τ (mtad/mmtad).")
-@click.option("--max-queue", default=64, show_default=True, help="Requests that may wait for the worker; more get 429.")
+@with_options(speculation_options("Default (requests may override): "))
+@click.option("--max-queue", default=64, show_default=True, help="Requests that may wait for the runtime; more get 429.")
 @click.option("--model-name", help="Model id clients send (default: the engine folder's name).")
 @click.option("--max-body-bytes", default=1 << 20, show_default=True, help="Larger request bodies get 413.")
 @click.option("--drain-timeout", default=30.0, show_default=True, help="On SIGTERM: seconds accepted requests may still run.")
@@ -244,12 +269,14 @@ def serve(engines, backend, device, threads, host, port, api_key, decoder, gamma
           max_queue, model_name, max_body_bytes, drain_timeout) -> None:
     """Serve an engine folder over an OpenAI-compatible HTTP API (see docs/serve.md)."""
     try:
-        from mtad_trt.server import serve as run_server
+        from mtad_trt.serve import ServerSettings
+        from mtad_trt.serve import serve as run_server
     except ImportError as e:
         raise MtadError(f"serving needs the 'serve' extra: pip install 'mtad-trt[serve]' ({e})") from e
-    run_server(engines, host=host, port=port, api_key=api_key, backend=backend, device=device, threads=threads,
-               decoder=decoder, gamma=gamma, beam_width=beam_width, threshold=threshold, max_queue=max_queue,
-               model_name=model_name, max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout)
+    settings = ServerSettings(model_name=model_name, api_key=api_key, max_queue=max_queue,
+                              max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout,
+                              defaults=dict(decoder=decoder, gamma=gamma, beam_width=beam_width, threshold=threshold))
+    run_server(engines, settings, host=host, port=port, backend=backend, device=device, threads=threads)
 
 
 # -- bench ----------------------------------------------------------------------------------------
@@ -258,13 +285,11 @@ def serve(engines, backend, device, threads, host, port, api_key, decoder, gamma
 @click.option("--decoders", default="ar,sps,mtad,mmtad", show_default=True, help="Comma-separated decoders to compare.")
 @click.option("--prompts", "prompt_set", default="humaneval", show_default=True, help="humaneval | prose | FILE.jsonl")
 @click.option("--n", default=10, show_default=True, help="Number of prompts.")
-@click.option("--max-new-tokens", default=128, show_default=True)
-@click.option("--temperature", default=1.0, show_default=True)
-@click.option("--top-k", default=10, show_default=True)
-@click.option("--top-p", default=0.9, show_default=True)
-@click.option("--gamma", default=4, show_default=True)
-@click.option("--beam-width", default=4, show_default=True)
-@click.option("--threshold", default=0.5, show_default=True)
+@click.option("--max-new-tokens", default=DEFAULTS["max_new_tokens"], show_default=True)
+@click.option("--temperature", default=DEFAULTS["temperature"], show_default=True)
+@click.option("--top-k", default=DEFAULTS["top_k"], show_default=True)
+@click.option("--top-p", default=DEFAULTS["top_p"], show_default=True)
+@with_options(speculation_options()[1:])
 @click.option("--seed", default=0, show_default=True, help="Prompt i uses seed+i, the same for every decoder.")
 @click.option("--energy", "energy_kind", default="auto", show_default=True,
               help="auto | nvml | jetson | tegrastats | rapl | none")
@@ -278,7 +303,8 @@ def bench(engines, backend, device, threads, decoders, prompt_set, n, max_new_to
     """Speed, acceptance, perplexity, pass@1 and energy per token for each decoder."""
     from rich.progress import Progress
 
-    from mtad_trt.bench import BenchConfig, markdown, run_bench, write_report
+    from mtad_trt.bench.report import markdown, write_report
+    from mtad_trt.bench.run import BenchConfig, run_bench
 
     cfg = BenchConfig(engines=str(engines), decoders=tuple(d for d in decoders.split(",") if d), prompts=prompt_set,
                       n=n, max_new_tokens=max_new_tokens, backend=backend, device=device, threads=threads,

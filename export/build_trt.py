@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from mtad_trt.backends.trt import (
+from mtad_trt.backends.trt_plans import (
     PROFILE_DECODE,
     PROFILE_PREFILL,
     import_tensorrt,
@@ -34,9 +34,10 @@ from mtad_trt.backends.trt import (
     rebuild_command,
     trt_major,
 )
-from mtad_trt.engine import bucket_sizes
+from mtad_trt.contract import ModelSpec
 from mtad_trt.errors import MtadError
-from mtad_trt.manifest import Manifest, ModelSpec, RoleEntry, sha256_file
+from mtad_trt.kvcache import bucket_sizes
+from mtad_trt.manifest import Manifest, RoleEntry, sha256_file
 
 log = logging.getLogger("mtad_trt")
 
@@ -93,16 +94,14 @@ def plan_profiles(
     def bucket_for(t: int) -> int:
         return next(b for b in buckets if b >= t)
 
+    dims = spec.io_dims()  # the contract's named axes, evaluated at each profile point
+
     def shapes(b: tuple[int, int, int], t: tuple[int, int, int], k: tuple[int, int, int], s: tuple[int, int, int]):
-        out: dict[str, list[Shape]] = {
-            "input_ids": [[b[i], t[i]] for i in range(3)],
-            "position_ids": [[b[i], t[i]] for i in range(3)],
-            "attention_mask": [[b[i], 1, t[i], s[i] + t[i]] for i in range(3)],
-            "logits_index": [[b[i], k[i]] for i in range(3)],
-        }
-        for name, _ in spec.kv_names:
-            out[name] = [[b[i], spec.num_kv_heads, s[i], spec.head_dim] for i in range(3)]
-        return out
+        def point(i: int, name: str) -> Shape:
+            axes = {"B": b[i], "T": t[i], "K": k[i], "S": s[i], "S+T": s[i] + t[i]}
+            return [axes[d] if isinstance(d, str) else d for d in dims[name]]
+
+        return {name: [point(i, name) for i in range(3)] for name in spec.input_names}
 
     t_opt = min(t_prefill, 256)
     k_max = min(max_decode_tokens, t_prefill)

@@ -13,10 +13,9 @@ from pathlib import Path
 import onnx
 import torch
 
-from mtad_trt.export.wrapper import ContractWrapper, io_names
-from mtad_trt.manifest import ModelSpec
-
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from mtad_trt.backends.device import TORCH_DTYPES
+from mtad_trt.contract import ModelSpec
+from mtad_trt.contract.wrapper import ContractWrapper
 
 
 def example_inputs(spec: ModelSpec, dtype: torch.dtype, b: int = 1, t: int = 3, s: int = 5, k: int = 2):
@@ -44,7 +43,6 @@ def export_onnx(
         {0: B, 1: K},
         tuple([kv_dims] * (2 * spec.num_layers)),  # *past is one varargs tuple in the signature
     )
-    in_names, out_names = io_names(spec.num_layers)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -54,8 +52,8 @@ def export_onnx(
             wrapper,
             args,
             dynamic_shapes=dynamic_shapes,
-            input_names=in_names,
-            output_names=out_names,
+            input_names=spec.input_names,
+            output_names=spec.output_names,
             opset_version=opset,
             dynamo=True,
             external_data=True,
@@ -68,17 +66,7 @@ def export_onnx(
 def _rename_dims(path: Path, spec: ModelSpec) -> None:
     """Give every dynamic axis its contract name (B, T, S, K, S+T) in the graph's I/O."""
     model = onnx.load(str(path), load_external_data=False)
-    names = {
-        "input_ids": ["B", "T"],
-        "position_ids": ["B", "T"],
-        "attention_mask": ["B", 1, "T", "S+T"],
-        "logits_index": ["B", "K"],
-        "logits": ["B", "K", spec.vocab_size],
-    }
-    for i in range(spec.num_layers):
-        for kind in ("key", "value"):
-            names[f"past_key_values.{i}.{kind}"] = ["B", spec.num_kv_heads, "S", spec.head_dim]
-            names[f"new_key_values.{i}.{kind}"] = ["B", spec.num_kv_heads, "T", spec.head_dim]
+    names = spec.io_dims()
     for vi in list(model.graph.input) + list(model.graph.output):
         want = names.get(vi.name)
         if want is None:

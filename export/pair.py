@@ -19,30 +19,15 @@ from pathlib import Path
 import onnx
 
 import mtad_trt
+from mtad_trt.contract import spec_from_model
 from mtad_trt.errors import MtadError
 from mtad_trt.export import sources
 from mtad_trt.export.onnx_export import export_onnx
 from mtad_trt.export.parity import check_parity, reference_cases
-from mtad_trt.manifest import Manifest, ModelSpec, RoleEntry, sha256_file
+from mtad_trt.manifest import Manifest, RoleEntry, sha256_file
 
 Progress = Callable[[str], None]
 log = logging.getLogger("mtad_trt.export")
-
-
-def model_spec(model, dtype: str, max_seq_len: int) -> ModelSpec:
-    cfg = model.config
-    heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    limit = getattr(cfg, "max_position_embeddings", None) or max_seq_len
-    return ModelSpec(
-        num_layers=cfg.num_hidden_layers,
-        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
-        head_dim=head_dim,
-        vocab_size=model.get_output_embeddings().out_features,
-        dtype=dtype,
-        max_seq_len=min(max_seq_len, limit),
-        architecture=type(model).__name__,
-    )
 
 
 def _check_destination(out: Path, force: bool) -> None:
@@ -61,7 +46,7 @@ def _check_destination(out: Path, force: bool) -> None:
 
 
 def export_role(
-    src: sources.Source,
+    src: sources.Checkpoint,
     folder: Path,
     role: str,
     dtype: str,
@@ -74,12 +59,12 @@ def export_role(
     quantize_lm_head: bool = True,
     attention: str = "grouped",
 ) -> RoleEntry:
-    from mtad_trt.backends.ort import OrtEngine
+    from mtad_trt.backends.ort import OrtRunner
 
     t0 = time.perf_counter()
     say(f"{role}: loading {src.path}")
     model = sources.load_model(src, dtype)
-    spec = model_spec(model, dtype, max_seq_len)
+    spec = spec_from_model(model, dtype, max_seq_len)
     final_path = folder / role / "model.onnx"
     onnx_path = final_path if quant == "none" else folder / role / "float" / "model.onnx"
     say(f"{role}: exporting {spec.architecture} ({spec.num_layers} layers, vocab {spec.vocab_size}) to ONNX")
@@ -94,7 +79,7 @@ def export_role(
     cases = reference_cases(model, spec.vocab_size)
     del model  # free the torch weights before ONNX Runtime maps the graph's
     gc.collect()
-    engine = OrtEngine(onnx_path, spec, threads=1)
+    engine = OrtRunner(onnx_path, spec, threads=1)
     parity = check_parity(cases, engine)
     engine.close()
     del engine
@@ -122,13 +107,13 @@ def export_role(
 
 
 def _quantize(float_path, final_path, spec, scheme, tokenizer, block_size, lm_head, role, say) -> dict:
-    from mtad_trt.backends.ort import OrtEngine
+    from mtad_trt.backends.ort import OrtRunner
     from mtad_trt.export.quantize import compare_quality, quantize_graph
 
     say(f"{role}: quantizing MatMul weights to {scheme} (block {block_size}, LM head {'in' if lm_head else 'out'})")
     record = quantize_graph(float_path, final_path, scheme, spec.vocab_size, block_size, lm_head)
     say(f"{role}: perplexity check, float vs {scheme}")
-    f_engine, q_engine = OrtEngine(float_path, spec, threads=2), OrtEngine(final_path, spec, threads=2)
+    f_engine, q_engine = OrtRunner(float_path, spec, threads=2), OrtRunner(final_path, spec, threads=2)
     record["quality"] = compare_quality(f_engine, q_engine, tokenizer)
     f_engine.close()
     q_engine.close()

@@ -1,6 +1,6 @@
 """Export parity check: the exported graph, run by the runtime, against the transformers model.
 
-The engine side is driven through the runtime's own `Sequence` (the same mask/position/slot code
+The engine side is driven through the runtime's own `Row` (the same mask/position/slot code
 the decoders use), so a pass also checks that bookkeeping. The reference is the plain HF model's
 full causal forward over the same text (for tree nodes: over committed text + the node's path).
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mtad_trt.engine import Engine
-from mtad_trt.sequence import Sequence
+from mtad_trt.rows import Row
+from mtad_trt.runner import ModelRunner
 
 TOLERANCE = {"float32": 1e-3, "float16": 5e-2, "bfloat16": 2e-1}
 
@@ -41,11 +41,11 @@ def reference_cases(model, vocab_size: int, seed: int = 0) -> dict:
     }
 
 
-def check_parity(cases: dict, engine: Engine, tolerance: float | None = None) -> dict:
+def check_parity(cases: dict, engine: ModelRunner, tolerance: float | None = None) -> dict:
     """Run prefill, 3 single-token steps, a 4-token chunk and a 2x2 tree; return max |Δlogits| per case."""
     ids, ref = cases["ids"], cases["ref"]
     prompt, singles, chunk = ids[:6], ids[6:9], ids[9:13]
-    seq = Sequence(engine)
+    seq = Row(engine)
     seq.reset()
     diffs: dict[str, float] = {}
 

@@ -89,16 +89,17 @@ def quantize_graph(
 
 def compare_quality(float_engine, quant_engine, tokenizer) -> dict:
     """Perplexity of both graphs on PROSE, and how far their logits drift."""
-    from mtad_trt.quality import perplexity, token_logprobs
-    from mtad_trt.sequence import Sequence
+    from mtad_trt.bench.quality import token_weighted_perplexity
+    from mtad_trt.rows import Row
+    from mtad_trt.scoring import token_logprobs
 
     ids = tokenizer.encode(PROSE, add_special_tokens=False)
     limit = min(float_engine.spec.max_seq_len, 512) - 1
     ids = ids[: limit + 1]
     ctx, cont = ids[:1], ids[1:]
-    lf = token_logprobs(Sequence(float_engine), ctx, cont)
-    lq = token_logprobs(Sequence(quant_engine), ctx, cont)
-    pf, pq = perplexity(lf), perplexity(lq)
+    lf = token_logprobs(Row(float_engine), ctx, cont)
+    lq = token_logprobs(Row(quant_engine), ctx, cont)
+    pf, pq = token_weighted_perplexity([lf]), token_weighted_perplexity([lq])
     return {
         "text_tokens": len(ids),
         "ppl_float": pf,

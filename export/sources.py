@@ -1,4 +1,4 @@
-"""Where a model comes from: a Hugging Face folder, a GGUF file, or a named default model.
+"""Where a model comes from: a Hugging Face folder, a GGUF file, or a named registry model.
 
 Loading is the slow, memory-hungry part of export, so it happens once per model and the pair is
 checked for a shared tokenizer *before* any model is loaded.
@@ -6,76 +6,23 @@ checked for a shared tokenizer *before* any model is loaded.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
+from mtad_trt.checkpoint import Checkpoint, load_model, load_tokenizer, open_path
 from mtad_trt.errors import MtadError
 
-
-@dataclass
-class Source:
-    kind: str  # "hf" | "gguf"
-    path: Path  # the folder (hf) or the .gguf file
-    name: str  # what the user typed
-
-    @property
-    def folder(self) -> Path:
-        return self.path if self.kind == "hf" else self.path.parent
-
-    def describe(self) -> dict:
-        return {"kind": self.kind, "path": str(self.path), "given": self.name}
+__all__ = ["Checkpoint", "load_model", "load_tokenizer", "resolve", "tokenizer_difference"]
 
 
-def resolve(spec: str) -> Source:
-    """Turn a user's PATH argument into a Source, with a clear error for anything else."""
-    p = Path(spec).expanduser()
-    if p.is_dir():
-        if not (p / "config.json").is_file():
-            ggufs = sorted(p.glob("*.gguf"))
-            if len(ggufs) == 1:
-                return Source("gguf", ggufs[0], spec)
-            raise MtadError(f"{p} is not a Hugging Face model folder (no config.json) and holds no single .gguf file")
-        return Source("hf", p, spec)
-    if p.is_file():
-        if p.suffix.lower() == ".gguf":
-            with open(p, "rb") as f:
-                if f.read(4) != b"GGUF":
-                    raise MtadError(f"{p} is not a GGUF file (bad magic bytes)")
-            return Source("gguf", p, spec)
-        raise MtadError(f"{p} is neither a model folder nor a .gguf file")
-    from mtad_trt.export import defaults
+def resolve(spec: str) -> Checkpoint:
+    """Turn a user's PATH-or-name argument into a Checkpoint, with a clear error for anything else."""
+    found = open_path(spec)
+    if found is not None:
+        return found
+    from mtad_trt.export import registry
 
-    if spec in defaults.DEFAULT_MODELS:
-        return Source("hf", defaults.resolve(spec), spec)
-    names = ", ".join(sorted(defaults.DEFAULT_MODELS))
+    if spec in registry.DEFAULT_MODELS:
+        return Checkpoint("hf", registry.resolve(spec), spec)
+    names = ", ".join(sorted(registry.DEFAULT_MODELS))
     raise MtadError(f"no such model: {spec} (not a path; named models: {names})")
-
-
-def load_tokenizer(src: Source):
-    from transformers import AutoTokenizer
-
-    try:
-        if src.kind == "gguf":
-            return AutoTokenizer.from_pretrained(str(src.folder), gguf_file=src.path.name)
-        return AutoTokenizer.from_pretrained(str(src.path))
-    except Exception as e:  # transformers raises many kinds; the user needs one line
-        raise MtadError(f"cannot load a tokenizer from {src.path}: {type(e).__name__}: {e}") from None
-
-
-def load_model(src: Source, dtype: str = "float32"):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    kwargs = {"dtype": torch_dtype, "attn_implementation": "eager"}
-    try:
-        if src.kind == "gguf":
-            model = AutoModelForCausalLM.from_pretrained(str(src.folder), gguf_file=src.path.name, **kwargs)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(str(src.path), **kwargs)
-    except Exception as e:
-        raise MtadError(f"cannot load a causal LM from {src.path}: {type(e).__name__}: {e}") from None
-    return model.eval()
 
 
 def tokenizer_difference(a, b) -> str | None:

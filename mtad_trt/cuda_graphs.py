@@ -1,24 +1,10 @@
 """One CUDA-graph runner for the device backends (torch and TensorRT), engine-contract §5.
 
-A step of a given shape key (B, T, K, S-bucket) always reads the same static input buffers and
-the same KV-cache addresses, so its kernels can be recorded once and replayed. Policy per key:
-
-1. first use: plain run (the warm-up: lazy allocations, cuBLAS/TensorRT workspace set-up and
-   autotuning happen here, outside any capture), on a side stream as the torch docs prescribe;
-2. second use: another plain run, then the capture right after it (TensorRT asks for one
-   uncaptured enqueue after any change of shapes/addresses, and other keys may have run in
-   between); the step's result is the plain run's. A shape seen only once (a prompt length)
-   never costs a capture;
-3. afterwards: the caller copies the inputs into the key's static buffers, and the graph replays.
-
-Prefill (T above `max_graph_tokens`) always runs uncaptured. A capture that raises falls back
-to plain runs for that key, is logged once and counted in `stats`; it never fails the step.
-
-KV writes (`keep`/`move`) stay outside the graphs on purpose: the rows and slots they touch
-change every step (decoder decisions), so a captured copy would need its index tensors as more
-static inputs, for two tiny kernels that cost less than the copy-in they would need.
-
-The capture mechanism is injected (`Capturer`), so the bookkeeping is tested on CPU with a fake.
+A step of a given shape key (B, T, K, S-bucket) reads the same static buffers and cache addresses
+every time, so its kernels are recorded once and replayed; prefill runs uncaptured, and a failed
+capture falls back to plain runs for that key. The policy (warm-up, capture on second use, why
+KV writes stay outside the graphs) is in docs/design.md. The capture mechanism is injected
+(`Capturer`), so the bookkeeping is tested on CPU with a fake.
 """
 
 from __future__ import annotations
@@ -31,11 +17,10 @@ from typing import Any, Generic, Protocol, TypeVar
 import numpy as np
 import torch
 
-from mtad_trt.engine import StepInputs
+from mtad_trt.contract import Key, StepInputs
 
 log = logging.getLogger("mtad_trt")
 
-Key = tuple[int, int, int, int]  # (B, T, K, S): batch rows, new tokens, logits rows, cache bucket
 B = TypeVar("B")
 
 
@@ -70,7 +55,7 @@ class TorchCudaCapturer:
     each graph returns stay referenced by the runner, so no later capture allocates over them. A
     replay may still overwrite another graph's outputs with its temporaries; that is harmless
     because a step's outputs are consumed (logits copied to the host, rows kept) before the
-    engine's next step, as the Engine protocol requires.
+    engine's next step, as the ModelRunner protocol requires.
     """
 
     def __init__(self, device: torch.device | str | None = None) -> None:
@@ -116,7 +101,7 @@ class StaticInputs:
     def load(self, inputs: StepInputs) -> None:
         """Copy a step's host arrays in (asynchronous on the current stream for CUDA)."""
         nb = self.input_ids.is_cuda
-        for dst, src in zip(self.tensors(), (inputs.input_ids, inputs.position_ids, inputs.attention_mask, inputs.logits_index), strict=True):
+        for dst, src in zip(self.tensors(), inputs.arrays(), strict=True):
             dst.copy_(torch.from_numpy(np.asarray(src)), non_blocking=nb)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -10,11 +10,21 @@ from __future__ import annotations
 
 
 class MtadError(Exception):
-    """A refusal with a message meant for the user."""
+    """A refusal with a message meant for the user; `param` names the request field at fault
+    (front ends report it, e.g. in OpenAI's error body)."""
+
+    param: str | None = None
+
+    def __init__(self, message: str = "", param: str | None = None) -> None:
+        super().__init__(message)
+        if param is not None:
+            self.param = param
 
 
 class CapacityError(MtadError):
     """The request does not fit the engine's KV-cache capacity."""
+
+    param = "max_tokens"
 
 
 class BackendUnavailable(MtadError):
@@ -23,3 +33,11 @@ class BackendUnavailable(MtadError):
 
 class EngineFolderError(MtadError):
     """The engine folder is missing, incomplete, or was built for another version/GPU."""
+
+
+class Busy(MtadError):
+    """The runtime's queue is full: retry later."""
+
+
+class ShuttingDown(MtadError):
+    """The runtime is draining or stopped and takes no new requests."""

@@ -13,32 +13,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mtad_trt.contract import ModelSpec
 from mtad_trt.errors import EngineFolderError
 
 FORMAT_VERSION = 1
 ROLES = ("draft", "target")
-
-
-@dataclass
-class ModelSpec:
-    """Shape facts of one exported model: all a backend needs to size buffers."""
-
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    dtype: str  # "float32" | "float16" | "bfloat16": the KV-cache / graph dtype
-    max_seq_len: int  # KV-cache capacity S_max in slots
-    architecture: str = ""
-
-    @property
-    def kv_names(self) -> list[tuple[str, str]]:
-        """(input name, output name) of every cache tensor, in graph order."""
-        out = []
-        for i in range(self.num_layers):
-            for kind in ("key", "value"):
-                out.append((f"past_key_values.{i}.{kind}", f"new_key_values.{i}.{kind}"))
-        return out
 
 
 @dataclass

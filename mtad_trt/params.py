@@ -1,12 +1,14 @@
 """Per-request settings: how to sample, and which decoder with which shape.
 
-Defaults follow the MTAD paper's setup (spec/mtad.md §5): temperature 1, top-k 10, top-p 0.9,
-applied identically to draft and target; γ=4, B=4, τ=0.5.
+The defaults here are the only ones: the CLI options, the server and the bench read them from
+these dataclasses. They follow the MTAD paper's setup (spec/mtad.md §5): temperature 1, top-k 10,
+top-p 0.9, applied identically to draft and target; γ=4, B=4, τ=0.5.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from mtad_trt.errors import MtadError
 
@@ -55,3 +57,39 @@ class DecodeParams:
             raise MtadError(f"threshold τ must be > 0, got {self.threshold}")
         if self.reference not in ("ancestor", "column"):
             raise MtadError(f"reference must be 'ancestor' or 'column', got '{self.reference}'")
+
+    @property
+    def speculative(self) -> bool:
+        return self.decoder != "ar"
+
+    @property
+    def scratch_slots(self) -> int:
+        """KV slots a round may need beyond the committed text: at most B·γ drafted nodes (a bound
+        for every speculative decoder) and the pending bonus token. The one formula for fitting a request."""
+        return self.gamma * self.beam_width + 1 if self.speculative else 0
+
+
+SAMPLING_FIELDS = frozenset(f.name for f in fields(SamplingParams))
+DECODE_FIELDS = frozenset(f.name for f in fields(DecodeParams))
+DEFAULTS: dict[str, Any] = {**vars(SamplingParams()), **vars(DecodeParams())}  # for CLI help and docs
+
+
+def split_settings(settings: dict[str, Any]) -> tuple[SamplingParams, DecodeParams]:
+    """Keyword settings -> validated (SamplingParams, DecodeParams); unknown names are refused."""
+    unknown = set(settings) - SAMPLING_FIELDS - DECODE_FIELDS
+    if unknown:
+        raise MtadError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+    sp = SamplingParams(**{k: v for k, v in settings.items() if k in SAMPLING_FIELDS})
+    dp = DecodeParams(**{k: v for k, v in settings.items() if k in DECODE_FIELDS})
+    sp.stop_token_ids = tuple(sp.stop_token_ids)
+    sp.stop = tuple([sp.stop] if isinstance(sp.stop, str) else sp.stop)
+    sp.validate()
+    dp.validate()
+    return sp, dp
+
+
+def settings_dict(sp: SamplingParams, dp: DecodeParams) -> dict[str, Any]:
+    """Both settings objects as one flat dict (what a response reports as used)."""
+    d = {f.name: getattr(sp, f.name) for f in fields(sp)}
+    d.update({f.name: getattr(dp, f.name) for f in fields(dp) if f.name != "extra"})
+    return d

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import httpx
 
-from mtad_trt.metrics import percentiles
+from mtad_trt.bench.metrics import percentiles
 
 BUILTIN_PROMPTS = [
     "def fib(n):",

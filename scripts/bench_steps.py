@@ -28,13 +28,13 @@ def main() -> None:
     ap.add_argument("--json", dest="json_out")
     args = ap.parse_args()
 
-    from mtad_trt.backends.ort import OrtEngine
+    from mtad_trt.backends.ort import OrtRunner
     from mtad_trt.manifest import Manifest
-    from mtad_trt.sequence import Sequence
+    from mtad_trt.rows import Row
 
     m = Manifest.load(args.engines)
     entry = m.role(args.role)
-    seq = Sequence(OrtEngine(f"{args.engines}/{entry.onnx}", entry.spec, threads=args.threads))
+    seq = Row(OrtRunner(f"{args.engines}/{entry.onnx}", entry.spec, threads=args.threads))
     rng = np.random.default_rng(0)
     rows = []
     for s in (int(x) for x in args.buckets.split(",")):
@@ -55,7 +55,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 seq.forward(toks, parents=parents, logits_rows=range(t))
                 times.append(time.perf_counter() - t0)
-            assert seq.engine.capacity == s, (seq.engine.capacity, s)
+            assert seq.runner.bucket == s, (seq.runner.bucket, s)
             row = {"S": s, "T": t, "ms": 1000 * statistics.median(times[1:])}
             rows.append(row)
             print(json.dumps(row), flush=True)

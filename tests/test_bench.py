@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from mtad_trt.bench import RECORD_VERSION, BenchConfig, run_bench, write_report
+from mtad_trt.bench.report import write_report
+from mtad_trt.bench.run import RECORD_VERSION, BenchConfig, run_bench
 from mtad_trt.errors import MtadError
 
 

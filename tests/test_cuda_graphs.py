@@ -12,10 +12,10 @@ import pytest
 import torch
 from test_torch_backend import assert_same_logits, build_tiny_engine, drive
 
-from mtad_trt.backends.torch_backend import TorchEngine
+from mtad_trt.backends.torch_backend import TorchRunner
 from mtad_trt.cuda_graphs import GraphRunner, StaticInputs, flat_tensors
-from mtad_trt.engine import StepInputs
-from mtad_trt.sequence import Sequence
+from mtad_trt.rows import Row
+from mtad_trt.runner import StepInputs
 
 
 class FakeGraph:
@@ -155,14 +155,14 @@ def tiny(tmp_path_factory):
 def test_torch_engine_graph_path_with_fake_capture(tiny) -> None:
     """The static-buffer + replay path of the torch backend, on CPU: same logits as plain runs."""
     folder, manifest = tiny
-    plain = drive(TorchEngine.from_folder(folder, manifest, "target"))
+    plain = drive(TorchRunner.from_folder(folder, manifest, "target"))
     cap = FakeCapturer()
-    engine = TorchEngine.from_folder(folder, manifest, "target", capturer=cap, max_decode_tokens=4)
+    engine = TorchRunner.from_folder(folder, manifest, "target", capturer=cap, max_decode_tokens=4)
     graphed = drive(engine) + drive_more(engine)
     assert_same_logits(graphed[: len(plain)], plain, tol=1e-6)
     stats = engine.graph_stats
     assert stats["graph_replays"] > 0 and stats["prefill_runs"] == 2 and stats["capture_failures"] == 0
-    eager = TorchEngine.from_folder(folder, manifest, "target")
+    eager = TorchRunner.from_folder(folder, manifest, "target")
     drive(eager)
     assert_same_logits(graphed[len(plain) :], drive_more(eager), tol=1e-6)
 
@@ -172,7 +172,7 @@ def drive_more(engine, steps: int = 24) -> list[np.ndarray]:
     the pattern graphs are for. Starts a new sequence on the engine."""
     engine.reset()
     rng = np.random.default_rng(1)
-    seq = Sequence(engine)
+    seq = Row(engine)
     out = [seq.forward(rng.integers(0, 300, 9)).copy()]
     seq.commit_chain(9)
     for i in range(steps):
@@ -193,8 +193,8 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 @gpu
 def test_cuda_graph_replay_matches_eager(tiny) -> None:
     folder, manifest = tiny
-    eager = TorchEngine.from_folder(folder, manifest, "target", device="cuda", cuda_graphs=False)
-    graphed = TorchEngine.from_folder(folder, manifest, "target", device="cuda", max_decode_tokens=8)
+    eager = TorchRunner.from_folder(folder, manifest, "target", device="cuda", cuda_graphs=False)
+    graphed = TorchRunner.from_folder(folder, manifest, "target", device="cuda", max_decode_tokens=8)
     want = drive(eager) + drive_more(eager, steps=60)
     got = drive(graphed) + drive_more(graphed, steps=60)
     assert_same_logits(got, want, tol=1e-4)

@@ -7,13 +7,14 @@ import math
 import numpy as np
 import pytest
 
-from mtad_trt.decoders import DECODER_FNS, Stats, drive
+from mtad_trt.decoders import DECODER_FNS, drive
 from mtad_trt.decoders.draft import draft_tree
 from mtad_trt.decoders.mtad import accept_chain, accept_tree
 from mtad_trt.params import DecodeParams, SamplingParams
+from mtad_trt.rows import Row
 from mtad_trt.sampling import process
-from mtad_trt.sequence import Sequence
-from toy import BigramEngine, random_tables
+from mtad_trt.stats import Stats
+from toy import BigramRunner, random_tables
 
 V = 6
 PROMPT = [0, 3, 1]
@@ -21,7 +22,7 @@ FREE = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=1)
 
 
 def run(decoder, draft_tab, target_tab, sp, seed=None, **dp):
-    t, d = Sequence(BigramEngine(target_tab)), Sequence(BigramEngine(draft_tab))
+    t, d = Row(BigramRunner(target_tab)), Row(BigramRunner(draft_tab))
     sp = SamplingParams(**{**sp.__dict__, "seed": seed})
     stats = Stats()
     out = []
@@ -133,7 +134,7 @@ def test_p7_mmtad_with_one_beam_equals_mtad():
 def test_p10_bookkeeping(decoder):
     dtab, ttab = random_tables(V, seed=17)
     sp = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=10_000)
-    t, d = Sequence(BigramEngine(ttab)), Sequence(BigramEngine(dtab))
+    t, d = Row(BigramRunner(ttab)), Row(BigramRunner(dtab))
     stats = Stats()
     dp = DecodeParams(decoder=decoder, gamma=3, beam_width=2, threshold=0.4)
     gen = DECODER_FNS[decoder](t, d, PROMPT, SamplingParams(**{**sp.__dict__, "seed": 0}), dp, stats, np.random.default_rng(0))
@@ -154,7 +155,7 @@ def test_p8_tree_accepts_at_least_the_chain():
     sp = SamplingParams(temperature=1.0, top_k=0, top_p=1.0)
     rng = np.random.default_rng(0)
     for _ in range(300):
-        d = Sequence(BigramEngine(dtab))
+        d = Row(BigramRunner(dtab))
         tree = draft_tree(d, PROMPT, 3, 4, sp, rng, Stats())
         path = tree.path(3, tree.best)
         block = tree.tokens[np.arange(4), path]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mtad_trt.energy import (
+from mtad_trt.bench.energy import (
     EnergyMeter,
     EnergyReading,
     JetsonMeter,

@@ -10,13 +10,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from mtad_trt.backends.ort import OrtEngine
+from mtad_trt.backends.ort import OrtRunner
 from mtad_trt.errors import MtadError
 from mtad_trt.export import pair as pair_mod
 from mtad_trt.export.pair import export_pair
 from mtad_trt.export.parity import check_parity, reference_cases
 from mtad_trt.manifest import Manifest
-from mtad_trt.sequence import Sequence
+from mtad_trt.rows import Row
 
 
 def test_engine_folder_contract(pair_engine):
@@ -47,7 +47,7 @@ def test_parity_tiny_models(request, fixture, attention, tmp_path):
     assert m.roles["target"].parity["worst"] <= 1e-4
     # Independently of the export's own check: several seeds of random text.
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
-    engine = OrtEngine(out / "target/model.onnx", m.roles["target"].spec)
+    engine = OrtRunner(out / "target/model.onnx", m.roles["target"].spec)
     for seed in (1, 2):
         cases = reference_cases(model, m.roles["target"].spec.vocab_size, seed=seed)
         assert check_parity(cases, engine, tolerance=1e-4)["passed"]
@@ -58,7 +58,7 @@ def test_random_trees_equal_causal_paths(pair_engine, qwen_target):
     m = Manifest.load(pair_engine)
     spec = m.roles["target"].spec
     model = AutoModelForCausalLM.from_pretrained(str(qwen_target), dtype=torch.float32).eval()
-    seq = Sequence(OrtEngine(pair_engine / "target/model.onnx", spec))
+    seq = Row(OrtRunner(pair_engine / "target/model.onnx", spec))
     rng = np.random.default_rng(0)
     for _ in range(3):
         seq.reset()

@@ -6,12 +6,10 @@ import numpy as np
 import pytest
 
 from mtad_trt import Pipeline
-from mtad_trt.backends.ort import OrtEngine
+from mtad_trt.backends.ort import OrtRunner
 from mtad_trt.export.pair import export_pair
 from mtad_trt.manifest import Manifest
-from mtad_trt.quality import perplexity, token_logprobs
-from mtad_trt.sequence import Sequence
-from toy import BigramEngine
+from mtad_trt.rows import Row
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +37,8 @@ def test_quantized_logits_close_to_float(int4_engine, pair_engine):
     rng = np.random.default_rng(0)
     for role, rel, top1 in (("target", 0.02, 0.9), ("draft", 0.10, 0.5)):
         spec = Manifest.load(pair_engine).roles[role].spec
-        f = Sequence(OrtEngine(pair_engine / f"{role}/model.onnx", spec))
-        q = Sequence(OrtEngine(int4_engine / f"{role}/model.onnx", spec))
+        f = Row(OrtRunner(pair_engine / f"{role}/model.onnx", spec))
+        q = Row(OrtRunner(int4_engine / f"{role}/model.onnx", spec))
         ids = [int(x) for x in rng.integers(0, spec.vocab_size, 20)]
         lf = f.forward(ids, logits_rows=range(20))
         lq = q.forward(ids, logits_rows=range(20))
@@ -55,24 +53,6 @@ def test_quantized_pair_generates_and_greedy_decoders_agree(int4_engine):
         for dec in ("sps", "mtad", "mmtad"):
             out = pipe.generate("def fib(n):", decoder=dec, temperature=0, max_new_tokens=20, ignore_eos=True)
             assert out.token_ids == ref.token_ids
-
-
-def test_perplexity_hand_computed():
-    # Bigram toy: log p(b | a) is readable from the table, so the perplexity is known exactly.
-    table = np.log(np.array([[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [1 / 3, 1 / 3, 1 / 3]], np.float32))
-    seq = Sequence(BigramEngine(table))
-    lp = token_logprobs(seq, [0], [1, 1, 2])  # p(1|0)=.25, p(1|1)=.8, p(2|1)=.1
-    np.testing.assert_allclose(lp, np.log([0.25, 0.8, 0.1]), rtol=1e-6)
-    assert perplexity(lp) == pytest.approx((0.25 * 0.8 * 0.1) ** (-1 / 3), rel=1e-6)
-
-
-def test_chunked_scoring_equals_one_pass(pair_engine):
-    spec = Manifest.load(pair_engine).roles["target"].spec
-    seq = Sequence(OrtEngine(pair_engine / "target/model.onnx", spec))
-    ids = [int(x) for x in np.random.default_rng(2).integers(0, spec.vocab_size, 60)]
-    a = token_logprobs(seq, ids[:10], ids[10:], chunk=256)
-    b = token_logprobs(seq, ids[:10], ids[10:], chunk=7)
-    np.testing.assert_allclose(a, b, atol=1e-4)
 
 
 def test_tensorrt_build_refuses_quantized_graphs(int4_engine):

@@ -17,9 +17,9 @@ PROMPT = "Write a short poem about the sea."
 
 @pytest.fixture(scope="module")
 def smol_folder():
-    from mtad_trt.export import defaults
+    from mtad_trt.export import registry
 
-    return defaults.fetch("smollm2-135m")
+    return registry.fetch("smollm2-135m")
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from mtad_trt.errors import MtadError
-from mtad_trt.sandbox import (
+from mtad_trt.bench.sandbox import (
     SandboxLimits,
     check_correctness,
     check_correctness_batch,
     humaneval_program,
     run_python,
 )
+from mtad_trt.errors import MtadError
 
 PROBLEM = {
     "task_id": "HumanEval/0",

@@ -14,13 +14,14 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from mtad_trt.backends.ort import OrtEngine
-from mtad_trt.backends.torch_backend import TorchEngine, TorchKVCache
-from mtad_trt.engine import Engine
+from mtad_trt.backends.ort import OrtRunner
+from mtad_trt.backends.torch_backend import TorchRunner
+from mtad_trt.contract import ModelSpec
 from mtad_trt.errors import BackendUnavailable, EngineFolderError
 from mtad_trt.export.onnx_export import export_onnx
-from mtad_trt.manifest import Manifest, ModelSpec, RoleEntry
-from mtad_trt.sequence import Sequence
+from mtad_trt.manifest import Manifest, RoleEntry
+from mtad_trt.rows import Row
+from mtad_trt.runner import ModelRunner
 
 TOL = 1e-4
 SPEC = ModelSpec(num_layers=2, num_kv_heads=2, head_dim=16, vocab_size=300, dtype="float32", max_seq_len=300, architecture="qwen2")
@@ -57,10 +58,10 @@ def build_tiny_engine(root: Path, export: bool = True) -> tuple[Path, Manifest]:
     return folder, manifest
 
 
-def drive(engine: Engine) -> list[np.ndarray]:
+def drive(engine: ModelRunner) -> list[np.ndarray]:
     """One scripted sequence through every kind of step; returns a copy of each step's logits."""
     rng = np.random.default_rng(0)
-    seq = Sequence(engine)
+    seq = Row(engine)
     out = []
 
     def fwd(*args, **kw) -> None:
@@ -83,12 +84,12 @@ def drive(engine: Engine) -> list[np.ndarray]:
     seq.n = n + 3
     fwd([30])
     seq.commit_chain(1)
-    assert engine.capacity == 128
+    assert engine.bucket == 128
     assert engine.reserve(200) == 256  # bucket growth: cached rows must survive the re-layout
     for tok in (40, 41, 42):
         fwd([tok])
         seq.commit_chain(1)
-    assert engine.capacity == 256
+    assert engine.bucket == 256
     return out
 
 
@@ -108,7 +109,7 @@ def tiny(tmp_path_factory) -> tuple[Path, Manifest]:
 @pytest.fixture(scope="module")
 def ort_logits(tiny) -> list[np.ndarray]:
     folder, manifest = tiny
-    engine = OrtEngine(folder / "target" / "model.onnx", SPEC)
+    engine = OrtRunner(folder / "target" / "model.onnx", SPEC)
     try:
         return drive(engine)
     finally:
@@ -117,15 +118,15 @@ def ort_logits(tiny) -> list[np.ndarray]:
 
 def test_torch_cpu_matches_ort(tiny, ort_logits) -> None:
     folder, manifest = tiny
-    engine = TorchEngine.from_folder(folder, manifest, "target", device="cpu", threads=1)
-    assert isinstance(engine, Engine)
+    engine = TorchRunner.from_folder(folder, manifest, "target", device="cpu", threads=1)
+    assert isinstance(engine, ModelRunner)
     assert engine.name == "torch-cpu"
     logits = drive(engine)
     assert_same_logits(logits, ort_logits)
     # the parity is not vacuous: steps differ by far more than the tolerance
     assert float(np.abs(logits[1][0] - logits[2][0]).max()) > 100 * TOL
     engine.reset()
-    assert engine.capacity == 128
+    assert engine.bucket == 128
     assert_same_logits(drive(engine), ort_logits)  # reset leaves nothing behind
     engine.close()
 
@@ -133,7 +134,7 @@ def test_torch_cpu_matches_ort(tiny, ort_logits) -> None:
 def test_wrong_cache_is_detected(tiny, ort_logits) -> None:
     """Negative control: dropping one kept row must break parity (so the parity test can fail)."""
     folder, manifest = tiny
-    engine = TorchEngine.from_folder(folder, manifest, "target", device="cpu")
+    engine = TorchRunner.from_folder(folder, manifest, "target", device="cpu")
     real_keep = engine.keep
     engine.keep = lambda row, src, dst: real_keep(row, src[:-1], dst[:-1]) if len(src) > 3 else real_keep(row, src, dst)
     logits = drive(engine)
@@ -147,18 +148,18 @@ def test_loads_engine_copy_first_and_refuses_missing(tiny, tmp_path) -> None:
     shutil.copytree(manifest.role("target").source["path"], own / "target" / "hf")
     gone = Manifest.load(own)
     gone.role("target").source["path"] = str(tmp_path / "nowhere")
-    engine = TorchEngine.from_folder(own, gone, "target")  # from <folder>/target/hf
+    engine = TorchRunner.from_folder(own, gone, "target")  # from <folder>/target/hf
     assert engine.spec.vocab_size == 300
     shutil.rmtree(own / "target" / "hf")
     with pytest.raises(EngineFolderError, match="weights"):
-        TorchEngine.from_folder(own, gone, "target")
+        TorchRunner.from_folder(own, gone, "target")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
 def test_cuda_without_gpu_is_refused(tiny) -> None:
     folder, manifest = tiny
     with pytest.raises(BackendUnavailable, match="no CUDA GPU"):
-        TorchEngine.from_folder(folder, manifest, "target", device="cuda")
+        TorchRunner.from_folder(folder, manifest, "target", device="cuda")
 
 
 def test_model_must_match_manifest(tiny) -> None:
@@ -166,23 +167,7 @@ def test_model_must_match_manifest(tiny) -> None:
     wrong = Manifest.load(folder)
     wrong.role("target").spec.num_layers = 3
     with pytest.raises(EngineFolderError, match="num_layers 2"):
-        TorchEngine.from_folder(folder, wrong, "target")
-
-
-def test_cache_relayout_keeps_rows() -> None:
-    spec = ModelSpec(num_layers=1, num_kv_heads=2, head_dim=3, vocab_size=10, dtype="float32", max_seq_len=40)
-    cache = TorchKVCache(spec, batch=2, device="cpu", dtype=torch.float32, smallest_bucket=8)
-    for v in cache.views:
-        v.copy_(torch.randn(v.shape))
-    before = [v.clone() for v in cache.views]
-    assert cache.reserve(9) == 16
-    for old, new in zip(before, cache.views, strict=True):
-        assert torch.equal(new[:, :, :8], old)
-        assert not new[:, :, 8:].any()
-    cache.move(1, np.array([0, 1]), np.array([1, 2]))  # overlapping move reads before it writes
-    assert torch.equal(cache.views[0][1, :, 1:3], before[0][1, :, 0:2])
-    cache.reset()
-    assert cache.size == 8 and not any(v.any() for v in cache.views)
+        TorchRunner.from_folder(folder, wrong, "target")
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -192,6 +177,6 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 @gpu
 def test_cuda_eager_matches_ort(tiny, ort_logits) -> None:
     folder, manifest = tiny
-    engine = TorchEngine.from_folder(folder, manifest, "target", device="cuda", cuda_graphs=False)
+    engine = TorchRunner.from_folder(folder, manifest, "target", device="cuda", cuda_graphs=False)
     assert engine.name == "torch-cuda"
     assert_same_logits(drive(engine), ort_logits, tol=1e-3)

@@ -1,7 +1,7 @@
 """TensorRT backend and plan building, without TensorRT or a GPU.
 
 The pure parts (profiles, flag choice, refusals, plan compatibility) are tested directly. The
-orchestration (`build_plans`, `TrtEngine`) runs against a fake `tensorrt` module that mirrors
+orchestration (`build_plans`, `TrtRunner`) runs against a fake `tensorrt` module that mirrors
 the documented TensorRT 10 Python API and executes the plan with ONNX Runtime: its execution
 context reads and writes the tensor addresses the engine binds, so the engine's binding, profile
 switching, KV cache and graph path are checked for parity with the ONNX Runtime backend. What
@@ -23,13 +23,16 @@ from test_cuda_graphs import FakeCapturer
 from test_torch_backend import SPEC, assert_same_logits, build_tiny_engine, drive
 
 import mtad_trt.backends.trt as trt_backend
+import mtad_trt.backends.trt_plans as trt_plans
 import mtad_trt.export.build_trt as build_trt
-from mtad_trt.backends.ort import OrtEngine
-from mtad_trt.backends.trt import TrtEngine, check_plan_compat, import_tensorrt, select_plan, usable_plans
+from mtad_trt.backends.ort import OrtRunner
+from mtad_trt.backends.trt import TrtRunner
+from mtad_trt.backends.trt_plans import check_plan_compat, import_tensorrt, select_plan, usable_plans
+from mtad_trt.contract import ModelSpec
 from mtad_trt.errors import BackendUnavailable, EngineFolderError, MtadError
 from mtad_trt.export.build_trt import build_plans, choose_flags, plan_profiles, plan_role
-from mtad_trt.manifest import Manifest, ModelSpec, RoleEntry
-from mtad_trt.sequence import Sequence
+from mtad_trt.manifest import Manifest, RoleEntry
+from mtad_trt.rows import Row
 
 ORIN = ("10.3.0", "Orin", "8.7")
 H100 = ("10.7.0", "NVIDIA H100 80GB HBM3", "9.0")
@@ -137,7 +140,7 @@ def test_tensorrt_missing_is_one_clear_line(monkeypatch, tmp_path) -> None:
     with pytest.raises(BackendUnavailable, match="pip install tensorrt"):
         build_plans(tmp_path)
     with pytest.raises(BackendUnavailable, match="pip install tensorrt"):
-        TrtEngine.from_folder(tmp_path, manifest, "target")
+        TrtRunner.from_folder(tmp_path, manifest, "target")
     assert usable_plans(manifest) is None
     monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))  # a placeholder wheel
     with pytest.raises(BackendUnavailable, match="placeholder"):
@@ -322,6 +325,7 @@ def fake_trt(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", mod)
     machine = list(ORIN)
     monkeypatch.setattr(trt_backend, "machine_info", lambda trt: tuple(machine))
+    monkeypatch.setattr(trt_plans, "machine_info", lambda trt: tuple(machine))
     monkeypatch.setattr(build_trt, "machine_info", lambda trt: tuple(machine))
     return machine  # tests may change the machine's identity in place
 
@@ -333,7 +337,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ort_logits(tiny):
-    return drive(OrtEngine(tiny[0] / "target" / "model.onnx", SPEC))
+    return drive(OrtRunner(tiny[0] / "target" / "model.onnx", SPEC))
 
 
 def test_build_then_run_with_fake_tensorrt(fake_trt, tiny, ort_logits) -> None:
@@ -357,30 +361,30 @@ def test_build_then_run_with_fake_tensorrt(fake_trt, tiny, ort_logits) -> None:
     assert Path(entry["timing_cache"]).read_bytes() == b"++"  # the timing cache was loaded and saved again
     assert usable_plans(manifest) == {"target": manifest.role("target").plans[0]}
 
-    engine = TrtEngine.from_folder(folder, manifest, "target", device="cpu", capturer=FakeCapturer())
-    assert engine.capacity == 128 and engine.spec.max_seq_len == 300
+    engine = TrtRunner.from_folder(folder, manifest, "target", device="cpu", capturer=FakeCapturer())
+    assert engine.bucket == 128 and engine.spec.max_seq_len == 300
     assert_same_logits(drive(engine), ort_logits)
     assert engine.context.switches[:2] == [0, 1]  # prefill profile, then decode/verify
     assert engine.graph_stats["graph_replays"] > 0 and engine.graph_stats["capture_failures"] == 0
 
     engine.reset()
     with pytest.raises(MtadError, match="outside the plan's prefill profile.*mtad-trt build"):
-        Sequence(engine).forward(list(range(100)))  # T=100 > max_prefill_tokens=64
+        Row(engine).forward(list(range(100)))  # T=100 > max_prefill_tokens=64
 
     fake_trt[:] = H100  # the folder moved to another machine
     assert usable_plans(manifest) is None
     with pytest.raises(EngineFolderError, match=f"rebuild it here with `mtad-trt build {folder} --precision fp32"):
-        TrtEngine.from_folder(folder, manifest, "target", device="cpu")
+        TrtRunner.from_folder(folder, manifest, "target", device="cpu")
 
 
 def test_no_plan_says_how_to_build(fake_trt, tmp_path) -> None:
     manifest = Manifest(roles={"target": RoleEntry(spec=SPEC, onnx="target/model.onnx")})
     with pytest.raises(EngineFolderError, match=f"no TensorRT plan for the target model: build one with `mtad-trt build {tmp_path}`"):
-        TrtEngine.from_folder(tmp_path, manifest, "target", device="cpu")
+        TrtRunner.from_folder(tmp_path, manifest, "target", device="cpu")
     assert usable_plans(manifest) is None
     manifest.role("target").plans = [plan_entry()]  # listed, but the file is gone
     with pytest.raises(EngineFolderError, match="missing TensorRT plan .*mtad-trt build"):
-        TrtEngine.from_folder(tmp_path, manifest, "target", device="cpu")
+        TrtRunner.from_folder(tmp_path, manifest, "target", device="cpu")
 
 
 def test_build_refuses_before_building(fake_trt, tiny) -> None:

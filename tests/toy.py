@@ -1,4 +1,4 @@
-"""A bigram "model" behind the Engine protocol: logits depend only on the fed token.
+"""A bigram "model" behind the ModelRunner protocol: logits depend only on the fed token.
 
 Fast enough to run a decoder tens of thousands of times, which the distributional properties of
 spec/mtad.md §4 (P2, P5, lossless speculative sampling) need. The cache calls are recorded, not
@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from mtad_trt.manifest import ModelSpec
+from mtad_trt.contract import ModelSpec
 
 
-class BigramEngine:
+class BigramRunner:
     name = "toy"
 
     def __init__(self, table: np.ndarray, max_seq_len: int = 4096) -> None:
@@ -23,7 +23,7 @@ class BigramEngine:
         self.last_shapes: list[tuple[int, int]] = []
 
     @property
-    def capacity(self) -> int:
+    def bucket(self) -> int:
         return self.spec.max_seq_len
 
     def reserve(self, slots: int) -> int:

@@ -1,4 +1,4 @@
-"""Backend selection: one `Engine` per role from an engine folder.
+"""Backend selection: one `ModelRunner` per role from an engine folder.
 
 `auto` prefers, in order: a TensorRT plan that matches this machine, torch on CUDA, ONNX Runtime
 on CPU — and says which it picked. A backend that cannot run here is refused with one line
@@ -11,9 +11,9 @@ import importlib.util
 import logging
 from pathlib import Path
 
-from mtad_trt.engine import Engine
 from mtad_trt.errors import BackendUnavailable
 from mtad_trt.manifest import Manifest
+from mtad_trt.runner import ModelRunner
 
 log = logging.getLogger("mtad_trt")
 
@@ -40,9 +40,9 @@ def choose_backend(manifest: Manifest, backend: str = "auto", device: str = "aut
         raise BackendUnavailable("--device cuda: no CUDA GPU is visible to torch (use --device cpu)")
     if backend == "auto":
         if device != "cpu" and has_cuda:
-            from mtad_trt.backends import trt as trt_backend
+            from mtad_trt.backends.trt_plans import usable_plans
 
-            if trt_backend.usable_plans(manifest) is not None:
+            if usable_plans(manifest) is not None:
                 return "trt", "cuda"
             return "torch", "cuda"
         return "ort", "cpu"
@@ -57,28 +57,28 @@ def choose_backend(manifest: Manifest, backend: str = "auto", device: str = "aut
     return "torch", ("cuda" if (device == "cuda" or (device == "auto" and has_cuda)) else "cpu")
 
 
-def load_engine(
+def load_runner(
     folder: str | Path,
     manifest: Manifest,
     role: str,
     backend: str,
     device: str,
     threads: int = 1,
-) -> Engine:
+) -> ModelRunner:
     entry = manifest.role(role)
     folder = Path(folder)
     if backend == "ort":
-        from mtad_trt.backends.ort import OrtEngine
+        from mtad_trt.backends.ort import OrtRunner
 
         if entry.quantization.get("scheme", "none") != "none" and device == "cuda":
             raise BackendUnavailable("quantized graphs use ONNX Runtime CPU operators; run them with --device cpu")
-        return OrtEngine(folder / entry.onnx, entry.spec, threads=threads)
+        return OrtRunner(folder / entry.onnx, entry.spec, threads=threads)
     if backend == "torch":
-        from mtad_trt.backends.torch_backend import TorchEngine
+        from mtad_trt.backends.torch_backend import TorchRunner
 
-        return TorchEngine.from_folder(folder, manifest, role, device=device, threads=threads)
+        return TorchRunner.from_folder(folder, manifest, role, device=device, threads=threads)
     if backend == "trt":
-        from mtad_trt.backends.trt import TrtEngine
+        from mtad_trt.backends.trt import TrtRunner
 
-        return TrtEngine.from_folder(folder, manifest, role)
+        return TrtRunner.from_folder(folder, manifest, role)
     raise BackendUnavailable(f"unknown backend '{backend}'")

@@ -1,18 +1,13 @@
 """TensorRT backend: a built plan per role, buffers as torch CUDA tensors (engine-contract §4, §7).
 
-`tensorrt` is imported lazily and only here (and in `export/build_trt.py`): everything else in
-mtad-trt runs without it. A plan is tied to the TensorRT version and the GPU it was built on, so
-the manifest records both and a mismatching plan is refused with the command that rebuilds it.
-
-Per step: choose the optimization profile by T (prefill vs decode/verify), set every input shape
-and tensor address (skipped when the key and buffers are those already bound), then
-`execute_async_v3` on torch's current stream — through the shared CUDA-graph runner, so
-decode/verify steps replay a captured graph.
+Which plan may run here is `trt_plans`' job. Per step: choose the optimization profile by T
+(prefill vs decode/verify), set every input shape and tensor address (skipped when the key and
+buffers are those already bound), then `execute_async_v3` on torch's current stream — through
+the shared CUDA-graph runner, so decode/verify steps replay a captured graph.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -20,122 +15,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from mtad_trt.backends.torch_backend import DTYPE_NAMES, HostLogits, TorchKVCache, check_step
-from mtad_trt.cuda_graphs import Capturer, GraphRunner, Key, StaticInputs, TorchCudaCapturer
-from mtad_trt.engine import SlotCacheEngine, StepInputs
-from mtad_trt.errors import BackendUnavailable, EngineFolderError, MtadError
-from mtad_trt.manifest import Manifest, ModelSpec
-
-log = logging.getLogger("mtad_trt")
-
-INSTALL_HINT = (
-    "install it with `pip install tensorrt` (wheels come from NVIDIA's index, "
-    "--extra-index-url https://pypi.nvidia.com), or on Jetson use the JetPack's TensorRT "
-    "(apt install python3-libnvinfer, JetPack 6 = TensorRT 10.3)"
+from mtad_trt.backends.device import DTYPE_NAMES, HostLogits
+from mtad_trt.backends.trt_plans import (
+    PROFILE_DECODE,
+    PROFILE_PREFILL,
+    import_tensorrt,
+    machine_info,
+    rebuild_command,
+    select_plan,
 )
-STEP_DTYPES = {
-    "input_ids": torch.int64,
-    "position_ids": torch.int64,
-    "attention_mask": torch.bool,
-    "logits_index": torch.int64,
-}
-STEP_INPUTS = tuple(STEP_DTYPES)
-PROFILE_PREFILL, PROFILE_DECODE = "prefill", "decode"
+from mtad_trt.contract import LOGITS, STEP_INPUTS, Key, ModelSpec, StepInputs, check_step
+from mtad_trt.cuda_graphs import Capturer, GraphRunner, StaticInputs, TorchCudaCapturer
+from mtad_trt.errors import BackendUnavailable, EngineFolderError, MtadError
+from mtad_trt.kvcache import TorchKVCache
+from mtad_trt.manifest import Manifest
+from mtad_trt.runner import SlotCacheRunner
 
-
-def import_tensorrt() -> Any:
-    """The `tensorrt` module, or BackendUnavailable with one line saying how to get it."""
-    try:
-        import tensorrt as trt
-    except Exception as e:  # ImportError, or a placeholder wheel / missing libnvinfer raising anything
-        raise BackendUnavailable(f"TensorRT is not usable here ({type(e).__name__}: {e}); {INSTALL_HINT}") from None
-    if not hasattr(trt, "Builder") or not hasattr(trt, "__version__"):
-        raise BackendUnavailable(f"the installed `tensorrt` package is a placeholder, not TensorRT; {INSTALL_HINT}")
-    return trt
-
-
-def trt_major(version: str) -> int:
-    return int(version.split(".")[0])
-
-
-def machine_info(trt: Any) -> tuple[str, str, str]:
-    """(TensorRT version, GPU name, compute capability "8.7") of this machine's GPU 0."""
-    if not torch.cuda.is_available():
-        raise BackendUnavailable("TensorRT needs an NVIDIA GPU with CUDA; torch sees none here")
-    major, minor = torch.cuda.get_device_capability(0)
-    return str(trt.__version__), torch.cuda.get_device_name(0).strip(), f"{major}.{minor}"
-
-
-def rebuild_command(plan: dict[str, Any], folder: str | Path = "ENGINE_FOLDER") -> str:
-    """The `mtad-trt build` command line that reproduces this plan's settings on this machine."""
-    parts = ["mtad-trt", "build", str(folder)]
-    for key, flag in (
-        ("precision", "--precision"),
-        ("max_batch", "--max-batch"),
-        ("max_seq_len", "--max-seq-len"),
-        ("max_decode_tokens", "--max-decode-tokens"),
-        ("max_prefill_tokens", "--max-prefill-tokens"),
-    ):
-        if plan.get(key) is not None:
-            parts += [flag, str(plan[key])]
-    return " ".join(parts)
-
-
-def check_plan_compat(
-    plan: dict[str, Any], trt_version: str, gpu_name: str, cc: str, folder: str | Path = "ENGINE_FOLDER"
-) -> str | None:
-    """None when the plan can run here; else why not, ending with the command that rebuilds it.
-
-    A serialized engine only deserializes under the TensorRT version that built it, and its
-    kernels were chosen for one GPU: both must match exactly.
-    """
-    built_v, built_gpu, built_cc = plan.get("tensorrt_version"), plan.get("gpu_name"), plan.get("compute_capability")
-    problems = []
-    if built_v != trt_version:
-        problems.append(f"TensorRT {built_v} (this machine has {trt_version})")
-    if built_cc != cc:
-        problems.append(f"compute capability {built_cc} (this GPU has {cc})")
-    if str(built_gpu or "").strip() != gpu_name.strip():
-        problems.append(f"GPU '{built_gpu}' (this GPU is '{gpu_name}')")
-    if not problems:
-        return None
-    return (
-        f"plan {plan.get('path', '?')} was built for {' and '.join(problems)}; "
-        f"rebuild it here with `{rebuild_command(plan, folder)}`"
-    )
-
-
-def select_plan(
-    plans: list[dict[str, Any]], trt_version: str, gpu_name: str, cc: str, folder: str | Path = "ENGINE_FOLDER"
-) -> tuple[dict[str, Any] | None, list[str]]:
-    """The newest compatible plan entry (or None) and the reasons the others were refused."""
-    reasons = []
-    for plan in reversed(plans):
-        why = check_plan_compat(plan, trt_version, gpu_name, cc, folder)
-        if why is None:
-            return plan, reasons
-        reasons.append(why)
-    return None, reasons
-
-
-def usable_plans(manifest: Manifest) -> dict[str, dict[str, Any]] | None:
-    """{role: plan entry} when every role has a plan that runs on this machine, else None.
-
-    Used by backend auto-selection: no TensorRT, no GPU or no matching plan all mean "not trt".
-    """
-    try:
-        info = machine_info(import_tensorrt())
-    except BackendUnavailable as e:
-        log.debug("no TensorRT backend: %s", e)
-        return None
-    out = {}
-    for role, entry in manifest.roles.items():
-        plan, reasons = select_plan(entry.plans, *info)
-        if plan is None:
-            log.info("no usable TensorRT plan for %s: %s", role, "; ".join(reasons) or "none built")
-            return None
-        out[role] = plan
-    return out or None
+STEP_DTYPES = {name: {np.int64: torch.int64, np.bool_: torch.bool}[dt] for name, dt in STEP_INPUTS.items()}
 
 
 TORCH_OF_TRT = {
@@ -159,7 +55,7 @@ class TrtBuffers:
     new_kv: list[torch.Tensor]
 
 
-class TrtEngine(SlotCacheEngine):
+class TrtRunner(SlotCacheRunner):
     def __init__(
         self,
         plan_path: str | Path,
@@ -183,10 +79,10 @@ class TrtEngine(SlotCacheEngine):
         self._trt = trt
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
-        self.engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
-        if self.engine is None:
+        self.cuda_engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
+        if self.cuda_engine is None:
             raise EngineFolderError(f"TensorRT could not load {plan_path} (see its log above); rebuild it with `{self._rebuild}`")
-        self.context = self.engine.create_execution_context()
+        self.context = self.cuda_engine.create_execution_context()
         if self.context is None:
             raise MtadError(f"TensorRT could not create an execution context for {plan_path} (out of GPU memory?)")
         self.name = "trt"
@@ -212,7 +108,7 @@ class TrtEngine(SlotCacheEngine):
         self._new_kv: list[torch.Tensor] = []
 
     @classmethod
-    def from_folder(cls, folder: str | Path, manifest: Manifest, role: str, **kwargs) -> TrtEngine:
+    def from_folder(cls, folder: str | Path, manifest: Manifest, role: str, **kwargs) -> TrtRunner:
         """The role's newest plan that matches this machine; a clear refusal otherwise."""
         trt = import_tensorrt()
         entry = manifest.role(role)
@@ -225,7 +121,7 @@ class TrtEngine(SlotCacheEngine):
 
     def _io_tensors(self) -> dict[str, tuple[bool, torch.dtype]]:
         """name -> (is input, torch dtype), checked against the graph contract."""
-        trt, eng = self._trt, self.engine
+        trt, eng = self._trt, self.cuda_engine
         io = {}
         for i in range(eng.num_io_tensors):
             name = eng.get_tensor_name(i)
@@ -234,7 +130,7 @@ class TrtEngine(SlotCacheEngine):
                 raise EngineFolderError(f"plan tensor {name} has unsupported dtype {dt.name}")
             io[name] = (eng.get_tensor_mode(name) == trt.TensorIOMode.INPUT, TORCH_OF_TRT[dt.name])
         want = {n: (True, dt) for n, dt in STEP_DTYPES.items()}
-        want["logits"] = (False, torch.float32)
+        want[LOGITS] = (False, torch.float32)
         problems = [f"{n} ({'input' if inp else 'output'} {dt})" for n, (inp, dt) in want.items() if io.get(n) != (inp, dt)]
         for past, new in self.spec.kv_names:
             if not io.get(past, (False,))[0] or io.get(new, (True,))[0]:
@@ -245,7 +141,7 @@ class TrtEngine(SlotCacheEngine):
             )
         return io
 
-    # -- cache (capacity/reserve/reset/keep/move come from SlotCacheEngine) ----
+    # -- cache (bucket/reserve/reset/keep/move come from SlotCacheRunner) ----
     @property
     def graph_stats(self) -> dict[str, int]:
         return self.runner.stats
@@ -261,7 +157,7 @@ class TrtEngine(SlotCacheEngine):
         kv_dtype = self._io[s.kv_names[0][1]][1]
         return TrtBuffers(
             inputs=StaticInputs.alloc(key, self.device),
-            logits=torch.empty((b, k, s.vocab_size), dtype=self._io["logits"][1], device=self.device),
+            logits=torch.empty((b, k, s.vocab_size), dtype=self._io[LOGITS][1], device=self.device),
             new_kv=[
                 torch.empty((b, s.num_kv_heads, t, s.head_dim), dtype=kv_dtype, device=self.device)
                 for _ in range(2 * s.num_layers)
@@ -290,7 +186,7 @@ class TrtEngine(SlotCacheEngine):
                     "--max-decode-tokens or --max-batch"
                 )
             ctx.set_tensor_address(name, tensor.data_ptr())
-        ctx.set_tensor_address("logits", bufs.logits.data_ptr())
+        ctx.set_tensor_address(LOGITS, bufs.logits.data_ptr())
         for (_, name), tensor in zip(self.spec.kv_names, bufs.new_kv, strict=True):
             ctx.set_tensor_address(name, tensor.data_ptr())
         self._bound = (key, bufs)
@@ -314,4 +210,4 @@ class TrtEngine(SlotCacheEngine):
         self._bound = None
         self._new_kv = []
         self.context = None
-        self.engine = None
+        self.cuda_engine = None

@@ -6,15 +6,15 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from mtad_trt.decoders.base import Stats, Timer
 from mtad_trt.params import DecodeParams, SamplingParams
+from mtad_trt.rows import Row
 from mtad_trt.sampling import process, sample
-from mtad_trt.sequence import Sequence
+from mtad_trt.stats import Stats, Timer
 
 
 def decode_ar(
-    target: Sequence,
-    draft: Sequence | None,
+    target: Row,
+    draft: Row | None,
     prompt: list[int],
     sp: SamplingParams,
     dp: DecodeParams,

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mtad_trt.decoders.base import Stats, Timer
 from mtad_trt.params import SamplingParams
+from mtad_trt.rows import Row
 from mtad_trt.sampling import log, process, sample_many
-from mtad_trt.sequence import Sequence
+from mtad_trt.stats import Stats, Timer
 
 
 @dataclass
@@ -49,7 +49,7 @@ class DraftTree:
 
 
 def draft_tree(
-    draft: Sequence,
+    draft: Row,
     pending: list[int],
     width: int,
     gamma: int,
@@ -119,7 +119,7 @@ def _ancestors(parent: np.ndarray, d: int, j: int) -> list[int]:
     return out[::-1]
 
 
-def compact(draft: Sequence, tree: DraftTree, path: list[int], accepted: int) -> None:
+def compact(draft: Row, tree: DraftTree, path: list[int], accepted: int) -> None:
     """Move the accepted path's cached draft nodes to the next committed slots.
 
     Depth-γ nodes were never fed, so at most γ-1 nodes move; they go to slots base..base+m-1,

@@ -16,11 +16,11 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from mtad_trt.decoders.base import Stats, Timer
 from mtad_trt.decoders.draft import DraftTree, compact, draft_tree
 from mtad_trt.params import DecodeParams, SamplingParams
+from mtad_trt.rows import Row
 from mtad_trt.sampling import log, process, sample
-from mtad_trt.sequence import Sequence
+from mtad_trt.stats import Stats, Timer
 
 
 def accept_chain(p: np.ndarray, block: np.ndarray, q_joint: np.ndarray, log_tau: float) -> int:
@@ -65,8 +65,8 @@ def accept_tree(
 
 
 def decode_mtad(
-    target: Sequence,
-    draft: Sequence,
+    target: Row,
+    draft: Row,
     prompt: list[int],
     sp: SamplingParams,
     dp: DecodeParams,

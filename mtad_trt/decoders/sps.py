@@ -12,11 +12,11 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from mtad_trt.decoders.base import Stats, Timer
 from mtad_trt.decoders.draft import compact, draft_tree
 from mtad_trt.params import DecodeParams, SamplingParams
+from mtad_trt.rows import Row
 from mtad_trt.sampling import process, sample
-from mtad_trt.sequence import Sequence
+from mtad_trt.stats import Stats, Timer
 
 
 def accept_sps(p: np.ndarray, q: np.ndarray, block: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
@@ -33,8 +33,8 @@ def accept_sps(p: np.ndarray, q: np.ndarray, block: np.ndarray, rng: np.random.G
 
 
 def decode_sps(
-    target: Sequence,
-    draft: Sequence,
+    target: Row,
+    draft: Row,
     prompt: list[int],
     sp: SamplingParams,
     dp: DecodeParams,

@@ -18,13 +18,16 @@ PEERS = ("hf", "hf-ar")
 
 
 def _load_hf(manifest: Manifest, role: str):
-    from mtad_trt.export import sources
+    from mtad_trt.checkpoint import load_model, open_path
 
     src = manifest.role(role).source
     path = src.get("path")
     if not path:
         raise MtadError(f"the engine manifest does not record where the {role} came from; cannot load the peer")
-    return sources.load_model(sources.resolve(path), "float32")
+    ckpt = open_path(path)
+    if ckpt is None:
+        raise MtadError(f"the {role} model's source {path} no longer exists; cannot load the peer")
+    return load_model(ckpt, "float32")
 
 
 def run_peer(peer: str, cfg, items, encoded: list[list[int]]) -> dict:

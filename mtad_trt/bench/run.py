@@ -7,7 +7,6 @@ afterwards, outside the windows. One warm-up request per decoder is excluded.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
@@ -19,13 +18,13 @@ from pathlib import Path
 import numpy as np
 
 import mtad_trt
-from mtad_trt import energy, metrics, prompts
-from mtad_trt.decoders import Stats
+from mtad_trt.bench import energy, metrics, prompts
+from mtad_trt.bench.quality import perplexity, token_weighted_perplexity
 from mtad_trt.errors import MtadError
 from mtad_trt.manifest import sha256_file
-from mtad_trt.params import DECODERS
+from mtad_trt.params import DECODERS, DEFAULTS
 from mtad_trt.pipeline import Pipeline
-from mtad_trt.quality import token_logprobs
+from mtad_trt.stats import Stats
 
 RECORD_VERSION = 1
 HUMANEVAL_STOPS = ("\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint(")
@@ -37,17 +36,17 @@ class BenchConfig:
     decoders: tuple[str, ...] = DECODERS
     prompts: str = "humaneval"
     n: int = 10
-    max_new_tokens: int = 128
+    max_new_tokens: int = DEFAULTS["max_new_tokens"]
     backend: str = "auto"
     device: str = "auto"
     threads: int = 1
     seed: int = 0
-    temperature: float = 1.0
-    top_k: int = 10
-    top_p: float = 0.9
-    gamma: int = 4
-    beam_width: int = 4
-    threshold: float = 0.5
+    temperature: float = DEFAULTS["temperature"]
+    top_k: int = DEFAULTS["top_k"]
+    top_p: float = DEFAULTS["top_p"]
+    gamma: int = DEFAULTS["gamma"]
+    beam_width: int = DEFAULTS["beam_width"]
+    threshold: float = DEFAULTS["threshold"]
     energy: str = "auto"
     warmup: int = 1
     peers: tuple[str, ...] = ()
@@ -81,35 +80,25 @@ def run_request(pipe: Pipeline, ids: list[int], settings: dict) -> dict:
             "tpot_s": timing.tpot_s}
 
 
-def _score(scorer: Pipeline, ids: list[int], gen: list[int]) -> np.ndarray:
-    """Raw-target log-probs of the generated tokens, cut at the first EOS (EOS itself excluded)."""
-    cut = next((i for i, t in enumerate(gen) if t in scorer.eos_ids), len(gen))
-    return token_logprobs(scorer.target, ids, gen[:cut]) if cut else np.zeros(0)
-
-
-def summarize(rows: list[dict], gamma: int, reading: energy.EnergyReading | None) -> dict:
-    st = [r["stats"] for r in rows]
-    gen = sum(s["generated_tokens"] for s in st)
-    calls = sum(s["target_calls"] for s in st)
-    iters = sum(s["iterations"] for s in st)
-    acc = sum(s["accepted_tokens"] for s in st)
-    per_pos = np.sum([s["accepted_per_position"] for s in st if s["accepted_per_position"]], axis=0) if iters else []
+def summarize(rows: list[dict], reading: energy.EnergyReading | None) -> dict:
+    total = Stats.total([Stats.from_dict(r["stats"]) for r in rows])
+    gen = total.generated_tokens
     lat = metrics.summarize_latencies(metrics.RequestTiming(**r["timing"]) for r in rows)
-    wall = sum(s["wall_s"] for s in st)
     lps = [r["logprobs"] for r in rows if r.get("logprobs") is not None and len(r["logprobs"])]
     out = {
         "requests": len(rows),
         "generated_tokens": gen,
-        "tokens_per_s": gen / wall if wall else 0.0,
+        "tokens_per_s": total.tokens_per_s,
         "tokens_per_s_per_request": lat.output_tokens_per_s,
         "ttft_s": lat.ttft_s,
         "tpot_s": lat.tpot_s,
-        "tokens_per_target_call": gen / calls if calls else 0.0,
-        "acceptance_rate": acc / (iters * gamma) if iters and gamma else None,
-        "accepted_per_position": [float(x) / iters for x in per_pos] if iters else [],
-        "perplexity": metrics.perplexity(lps) if lps else None,  # the paper's: mean over samples
-        "perplexity_token_weighted": metrics.token_weighted_perplexity(lps) if lps else None,
-        "time_split_s": {k: sum(s[k] for s in st) for k in ("prefill_s", "draft_s", "verify_s", "other_s")},
+        "tokens_per_target_call": total.tokens_per_target_call,
+        "acceptance_rate": total.acceptance_rate if total.iterations and total.gamma else None,
+        "accepted_per_position": [x / total.iterations for x in total.accepted_per_position] if total.iterations else [],
+        "perplexity": perplexity(lps) if lps else None,  # the paper's: mean over samples
+        "perplexity_token_weighted": token_weighted_perplexity(lps) if lps else None,
+        "time_split_s": {"prefill_s": total.prefill_s, "draft_s": total.draft_s, "verify_s": total.verify_s,
+                         "other_s": sum(Stats.from_dict(r["stats"]).other_s for r in rows)},
     }
     if reading is not None:
         out["energy"] = reading.to_dict()
@@ -165,22 +154,22 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str, int, int], None] | None
     try:
         if scorer.tokenizer.get_vocab() != pipe.tokenizer.get_vocab():
             raise MtadError(f"{cfg.score_engines} uses another tokenizer than {cfg.engines}: cannot score with it")
-        for decoder, res in results.items():
+        for res in results.values():
             rows = res["rows"]
             for row, ids in zip(rows, encoded, strict=True):
-                row["logprobs"] = _score(scorer, ids, row["token_ids"])
+                row["logprobs"] = scorer.score(ids, row["token_ids"])
             if humaneval:
-                from mtad_trt.sandbox import check_correctness_batch
+                from mtad_trt.bench.sandbox import check_correctness_batch
 
                 done = check_correctness_batch([(p.meta, r["text"]) for p, r in zip(items, rows, strict=True)],
                                                timeout_s=5.0)
                 for row, r in zip(rows, done, strict=True):
                     row["passed"], row["sandbox_status"] = r.passed, r.status
-            res["summary"] = summarize(rows, cfg.gamma if decoder != "ar" else 0, res.pop("reading"))
+            res["summary"] = summarize(rows, res.pop("reading"))
     finally:
         scorer.close()
     for peer in cfg.peers:
-        from mtad_trt.peers import run_peer
+        from mtad_trt.bench.peers import run_peer
 
         results[f"peer:{peer}"] = run_peer(peer, cfg, items, encoded)
     return _record(cfg, pipe, meter, results)
@@ -219,97 +208,3 @@ def _gpu_name() -> str | None:
         return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     except Exception:
         return None
-
-
-# -- report -----------------------------------------------------------------------------------------
-def _fmt(x, spec=".2f") -> str:
-    return "–" if x is None else format(x, spec)
-
-
-def markdown(record: dict) -> str:
-    s = record["settings"]
-    lines = [
-        f"# mtad-trt bench — {record['created']}",
-        "",
-        f"- engine: `{s['engines']}` (manifest sha256 {record['engine_manifest_sha256'][:12]}), backend {record['backend']}",
-        f"- machine: {record['machine']['processor']}, {record['machine']['cpus']} CPUs, GPU: {record['machine']['gpu'] or 'none'}",
-        f"- prompts: {s['prompts']} × {s['n']}, {s['max_new_tokens']} new tokens, T={s['temperature']}, "
-        f"top-k {s['top_k']}, top-p {s['top_p']}, γ={s['gamma']}, B={s['beam_width']}, τ={s['threshold']}, seed {s['seed']}",
-        f"- energy: {record['energy_method']}",
-        f"- perplexity scored by: `{s.get('score_engines') or s['engines']}` target (raw softmax, EOS-truncated)",
-        "",
-        "| decoder | tok/s | TTFT p50 s | TPOT p50 ms | tokens/target call | acceptance | PPL (target) | PPL token-weighted | pass@1 | J/token |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, res in record["results"].items():
-        m = res["summary"]
-        tpot = m.get("tpot_s") or {}
-        if name.startswith("peer:"):
-            lines.append(f"| {name} | {_fmt(m['tokens_per_s'])} | – | – | – | – | – | – | – | – |")
-            continue
-        lines.append(
-            f"| {name} | {_fmt(m['tokens_per_s'])} | {_fmt((m.get('ttft_s') or {}).get('p50'), '.3f')} | "
-            f"{_fmt(tpot.get('p50', None) and 1000 * tpot['p50'], '.1f')} | {_fmt(m.get('tokens_per_target_call'))} | "
-            f"{_fmt(m.get('acceptance_rate'))} | {_fmt(m.get('perplexity'), '.3f')} | "
-            f"{_fmt(m.get('perplexity_token_weighted'), '.3f')} | {_fmt(m.get('pass_at_1'))} | "
-            f"{_fmt(m.get('joules_per_token'), '.3f')} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def plots(record: dict, out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    res = {k: v["summary"] for k, v in record["results"].items()}
-    names = list(res)
-    files = []
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    axes[0].bar(names, [res[n]["tokens_per_s"] for n in names], color="tab:blue")
-    axes[0].set_title("output tokens/s")
-    axes[1].bar(names, [res[n].get("perplexity") or 0 for n in names], color="tab:orange")
-    axes[1].set_title("perplexity under the target (lower is better)")
-    files.append(_save(fig, out / "speed_quality.png"))
-    spec = [n for n in names if res[n].get("accepted_per_position")]
-    if spec:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for n in spec:
-            ax.plot(range(1, len(res[n]["accepted_per_position"]) + 1), res[n]["accepted_per_position"], marker="o", label=n)
-        ax.set_xlabel("draft position")
-        ax.set_ylabel("share of rounds accepting it")
-        ax.legend()
-        files.append(_save(fig, out / "acceptance_per_position.png"))
-    measured = [n for n in names if res[n].get("joules_per_token")]
-    if measured:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.bar(measured, [res[n]["joules_per_token"] for n in measured], color="tab:green")
-        ax.set_title("energy per output token (J)")
-        files.append(_save(fig, out / "energy_per_token.png"))
-    return files
-
-
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def write_report(record: dict, out: str | Path) -> list[Path]:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(record, indent=1, default=_jsonable) + "\n")
-    (out / "summary.md").write_text(markdown(record))
-    return [out / "bench.json", out / "summary.md", *plots(record, out)]
-
-
-def _jsonable(x):
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    raise TypeError(type(x).__name__)

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mtad_trt import Pipeline
-from mtad_trt.server import ServerSettings, ServerThread, create_app
+from mtad_trt.serve import ServerSettings, ServerThread, create_app
 
 MODEL = "tiny-pair"
 KEY = "test-key"
@@ -427,10 +427,10 @@ class Gated:
             raise AttributeError(name)
         return getattr(self.inner, name)
 
-    def stream(self, prompt, **kw):
-        self.order.append(list(prompt))
+    def stream_request(self, req, stats=None):
+        self.order.append(list(req.prompt_ids))
         assert self.gate.wait(30)
-        yield from self.inner.stream(prompt, **kw)
+        yield from self.inner.stream_request(req, stats)
 
 
 def test_queue_full_429_and_fifo_order(server_pipeline):
@@ -505,8 +505,8 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_sigterm_drains_in_flight_then_exits(pair_engine, tmp_path):
     port = _free_port()
-    code = (f"from mtad_trt.server import serve; serve({str(pair_engine)!r}, port={port}, backend='ort', "
-            "drain_timeout_s=20, log_level='warning')")
+    code = (f"from mtad_trt.serve import ServerSettings, serve; serve({str(pair_engine)!r}, "
+            f"ServerSettings(drain_timeout_s=20), port={port}, backend='ort', log_level='warning')")
     log = tmp_path / "server.log"
     with open(log, "wb") as out:  # a file, not a pipe: a chatty server can never block on it
         proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONWARNINGS": "ignore"},

@@ -55,7 +55,7 @@ def humaneval() -> list[Prompt]:
 
 
 def _gensim_wheel() -> Path:
-    from mtad_trt.export.defaults import cache_dir  # the one cache folder of the project
+    from mtad_trt.export.registry import cache_dir  # the one cache folder of the project
 
     folder = cache_dir() / "data"
     found = sorted(folder.glob("gensim-*.whl"))

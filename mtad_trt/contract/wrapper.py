@@ -96,12 +96,3 @@ class ContractWrapper(nn.Module):
             new.append(layer.keys[:, :, -t:, :])
             new.append(layer.values[:, :, -t:, :])
         return (logits, *new)
-
-
-def io_names(num_layers: int) -> tuple[list[str], list[str]]:
-    inputs = ["input_ids", "position_ids", "attention_mask", "logits_index"]
-    outputs = ["logits"]
-    for i in range(num_layers):
-        inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
-        outputs += [f"new_key_values.{i}.key", f"new_key_values.{i}.value"]
-    return inputs, outputs

@@ -1,0 +1,6 @@
+"""`mtad-trt bench`: evaluation, apart from the runtime it measures.
+
+`run` (the benchmark loop), `report` (markdown, plots, the JSON record), `prompts` (offline prompt
+sets), `peers` (other runtimes on the same prompts), `sandbox` (HumanEval execution), `quality`
+(perplexity), `metrics` (latency, pass@k, energy ratios), `energy/` (one module per meter).
+"""

@@ -1,0 +1,144 @@
+"""The graph contract (engine-contract §2): one definition of every graph's inputs and outputs.
+
+Every backend runs the same graph, so its I/O names, dtypes and shape rules live here once: the
+export stage names the ONNX graph's tensors from this module, the manifest stores a `ModelSpec`,
+ONNX Runtime and TensorRT bind by these names, and every runner checks a step with `check_step`.
+The torch module that *is* the contract (`wrapper.ContractWrapper`) sits beside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mtad_trt.errors import EngineFolderError
+
+# Inputs of every step, in graph order, with their numpy dtypes; the KV-cache inputs follow them.
+STEP_INPUTS: dict[str, type] = {
+    "input_ids": np.int64,  # [B, T] new tokens
+    "position_ids": np.int64,  # [B, T] explicit positions (tree siblings share one)
+    "attention_mask": np.bool_,  # [B, 1, T, S+T] True = may attend; columns: S cache slots, then T new
+    "logits_index": np.int64,  # [B, K] which of the T positions need logits
+}
+LOGITS = "logits"  # float32 [B, K, V]
+DTYPES = ("float32", "float16", "bfloat16")  # graph / KV-cache dtypes
+
+
+def past_name(layer: int, kind: str) -> str:
+    return f"past_key_values.{layer}.{kind}"
+
+
+def new_name(layer: int, kind: str) -> str:
+    return f"new_key_values.{layer}.{kind}"
+
+
+@dataclass
+class ModelSpec:
+    """Shape facts of one exported model: all a runner needs to size its buffers."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    dtype: str  # one of DTYPES: the KV-cache / graph dtype
+    max_seq_len: int  # KV-cache capacity S_max in slots
+    architecture: str = ""
+
+    @property
+    def kv_names(self) -> list[tuple[str, str]]:
+        """(input name, output name) of every cache tensor, in graph order."""
+        return [(past_name(i, k), new_name(i, k)) for i in range(self.num_layers) for k in ("key", "value")]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [*STEP_INPUTS, *(p for p, _ in self.kv_names)]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [LOGITS, *(n for _, n in self.kv_names)]
+
+    def io_dims(self) -> dict[str, list[str | int]]:
+        """Every graph tensor's dimensions: named dynamic axes (B, T, S, K, S+T) or fixed sizes."""
+        dims: dict[str, list[str | int]] = {
+            "input_ids": ["B", "T"],
+            "position_ids": ["B", "T"],
+            "attention_mask": ["B", 1, "T", "S+T"],
+            "logits_index": ["B", "K"],
+            LOGITS: ["B", "K", self.vocab_size],
+        }
+        for past, new in self.kv_names:
+            dims[past] = ["B", self.num_kv_heads, "S", self.head_dim]
+            dims[new] = ["B", self.num_kv_heads, "T", self.head_dim]
+        return dims
+
+
+def config_facts(model: Any) -> dict[str, Any]:
+    """The shape facts of a Hugging Face causal LM, read from its config and LM head.
+
+    One reading for the export (which writes them into the manifest) and the torch runner (which
+    checks a model folder against the manifest before trusting it).
+    """
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    return {
+        "num_layers": cfg.num_hidden_layers,
+        "num_kv_heads": getattr(cfg, "num_key_value_heads", None) or heads,
+        "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+        "vocab_size": model.get_output_embeddings().weight.shape[0],
+    }
+
+
+def spec_from_model(model: Any, dtype: str, max_seq_len: int) -> ModelSpec:
+    """The ModelSpec an export of `model` at `dtype` with `max_seq_len` slots has."""
+    limit = getattr(model.config, "max_position_embeddings", None) or max_seq_len
+    return ModelSpec(**config_facts(model), dtype=dtype, max_seq_len=min(max_seq_len, limit),
+                     architecture=type(model).__name__)
+
+
+def check_model(model: Any, spec: ModelSpec, where: str) -> None:
+    """Refuse a checkpoint that does not match the manifest (a swapped or edited model folder)."""
+    got = config_facts(model)
+    bad = [f"{k} {v} (manifest: {getattr(spec, k)})" for k, v in got.items() if v != getattr(spec, k)]
+    if bad:
+        raise EngineFolderError(
+            f"the model in {where} does not match the engine's manifest: {', '.join(bad)}; re-export the engine"
+        )
+
+
+@dataclass
+class StepInputs:
+    """One call of the graph. B rows, T new tokens, S cache slots (the current bucket), K logits rows."""
+
+    input_ids: np.ndarray  # int64 [B, T]
+    position_ids: np.ndarray  # int64 [B, T]
+    attention_mask: np.ndarray  # bool [B, 1, T, S + T]; True = may attend
+    logits_index: np.ndarray  # int64 [B, K]: which of the T positions need logits
+
+    @classmethod
+    def zeros(cls, b: int, t: int, k: int, s: int) -> StepInputs:
+        return cls(
+            input_ids=np.zeros((b, t), np.int64),
+            position_ids=np.zeros((b, t), np.int64),
+            attention_mask=np.zeros((b, 1, t, s + t), bool),
+            logits_index=np.zeros((b, k), np.int64),
+        )
+
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        """The inputs in graph order (the order of STEP_INPUTS)."""
+        return (self.input_ids, self.position_ids, self.attention_mask, self.logits_index)
+
+
+Key = tuple[int, int, int, int]  # (B, T, K, S): batch rows, new tokens, logits rows, cache bucket
+
+
+def check_step(inputs: StepInputs, rows: int, s: int) -> Key:
+    """The step's shape key (B, T, K, S), after the checks every runner makes."""
+    b, t = inputs.input_ids.shape
+    k = inputs.logits_index.shape[1]
+    if b != rows:
+        raise ValueError(f"step has {b} batch rows; this runner's cache has {rows}")
+    if inputs.attention_mask.shape != (b, 1, t, s + t):
+        raise ValueError(f"attention_mask shape {inputs.attention_mask.shape}, expected {(b, 1, t, s + t)}")
+    return (b, t, k, s)

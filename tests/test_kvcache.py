@@ -1,0 +1,91 @@
+"""Static-slot cache: buckets, re-layout on growth, keep/move and reset, for the host (numpy) and the
+device (torch) cache alike — one rule each, checked against plain numpy copies."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mtad_trt.contract import ModelSpec
+from mtad_trt.errors import CapacityError
+from mtad_trt.kvcache import HostKVCache, TorchKVCache, bucket_sizes
+
+KINDS = ["host", "torch"]
+
+
+def make(kind: str, spec: ModelSpec, batch: int = 1, smallest: int = 128):
+    if kind == "host":
+        return HostKVCache(spec, batch=batch, smallest_bucket=smallest)
+    return TorchKVCache(spec, batch=batch, device="cpu", dtype=torch.float32, smallest_bucket=smallest)
+
+
+def as_np(x) -> np.ndarray:
+    return x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def fill(cache, rng) -> list[np.ndarray]:
+    """Random values in every view; returns numpy copies of them."""
+    ref = []
+    for v in cache.views:
+        r = rng.normal(size=tuple(v.shape)).astype(np.float32)
+        v[...] = torch.from_numpy(r) if isinstance(v, torch.Tensor) else r
+        ref.append(r)
+    return ref
+
+
+def new_rows(kind: str, shape: tuple[int, ...], n: int) -> list:
+    rows = [np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape) + 100 * i for i in range(n)]
+    return rows if kind == "host" else [torch.from_numpy(r) for r in rows]
+
+
+def test_buckets():
+    assert bucket_sizes(2048) == [128, 256, 512, 1024, 2048]
+    assert bucket_sizes(300) == [128, 256, 300]
+    assert bucket_sizes(64) == [64]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_growth_keeps_every_slot_and_zeroes_the_rest(kind):
+    spec = ModelSpec(2, 3, 4, 10, "float32", 1000, "x")
+    c = make(kind, spec, batch=2)
+    ref = fill(c, np.random.default_rng(0))
+    ptrs = [as_np(v).ctypes.data for v in c.views]
+    assert c.reserve(300) == 512
+    for v, r, p in zip(c.views, ref, ptrs, strict=True):
+        a = as_np(v)
+        assert a.shape == (2, 3, 512, 4) and a.flags.c_contiguous
+        assert a.ctypes.data == p  # same address for every bucket: CUDA graphs and TensorRT rely on it
+        np.testing.assert_array_equal(a[:, :, :128], r)
+        assert not a[:, :, 128:].any()
+    with pytest.raises(CapacityError, match="capacity is 1000"):
+        c.reserve(1001)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_keep_and_move(kind):
+    spec = ModelSpec(1, 2, 3, 10, "float32", 256, "x")
+    c = make(kind, spec)
+    new = new_rows(kind, (1, 2, 5, 3), 2)
+    c.keep(new, 0, np.array([0, 3]), np.array([10, 11]))
+    np.testing.assert_array_equal(as_np(c.views[1])[0, :, 11], as_np(new[1])[0, :, 3])
+    c.keep(new, 0, np.array([4]), np.array([20]))  # the single-row path
+    np.testing.assert_array_equal(as_np(c.views[0])[0, :, 20], as_np(new[0])[0, :, 4])
+    c.move(0, np.array([10, 11]), np.array([11, 12]))  # overlapping: reads happen before writes
+    np.testing.assert_array_equal(as_np(c.views[0])[0, :, 12], as_np(new[0])[0, :, 3])
+    np.testing.assert_array_equal(as_np(c.views[0])[0, :, 11], as_np(new[0])[0, :, 0])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_reset_shrinks_without_zeroing(kind):
+    """One reset policy: back to the smallest bucket; stale slots keep their (finite) values."""
+    spec = ModelSpec(1, 2, 3, 10, "float32", 40, "x")
+    c = make(kind, spec, batch=2, smallest=8)
+    c.reserve(20)
+    ref = fill(c, np.random.default_rng(1))
+    c.reset()
+    assert c.size == 8
+    for v, r in zip(c.views, ref, strict=True):
+        assert tuple(v.shape) == (2, 2, 8, 3)
+        # the bucket-8 view is the flat prefix: the first 8 slots of row (0, head 0), then the next 8 ...
+        np.testing.assert_array_equal(as_np(v).ravel(), r.ravel()[: 2 * 2 * 8 * 3])
