@@ -23,9 +23,10 @@ def example_inputs(spec: ModelSpec, dtype: torch.dtype, b: int = 1, t: int = 3, 
     ids = torch.zeros((b, t), dtype=torch.int64)
     pos = torch.arange(s, s + t, dtype=torch.int64).expand(b, t).contiguous()
     mask = torch.ones((b, 1, t, s + t), dtype=torch.bool)
+    sliding = [mask.clone()] if spec.has_sliding_layers else []
     idx = torch.arange(t - k, t, dtype=torch.int64).expand(b, k).contiguous()
     past = [torch.zeros((b, spec.num_kv_heads, s, spec.head_dim), dtype=dtype) for _ in range(2 * spec.num_layers)]
-    return (ids, pos, mask, idx, *past)
+    return (ids, pos, mask, *sliding, idx, *past)
 
 
 def export_onnx(
@@ -35,14 +36,12 @@ def export_onnx(
     wrapper = ContractWrapper(model, attention).eval()
     args = example_inputs(spec, dtype)
     B, T, S, K = (torch.export.Dim(n, min=1) for n in ("B", "T", "S", "K"))
-    kv_dims = {0: B, 2: S}
-    dynamic_shapes = (
-        {0: B, 1: T},
-        {0: B, 1: T},
-        {0: B, 2: T, 3: torch.export.Dim.AUTO},
-        {0: B, 1: K},
-        tuple([kv_dims] * (2 * spec.num_layers)),  # *past is one varargs tuple in the signature
-    )
+    if wrapper.sliding != spec.has_sliding_layers:
+        raise ValueError("the wrapper and the spec disagree about sliding-window layers")
+    mask_dims = {0: B, 2: T, 3: torch.export.Dim.AUTO}
+    rest = ([mask_dims] if spec.has_sliding_layers else []) + [{0: B, 1: K}] + [{0: B, 2: S}] * (2 * spec.num_layers)
+    # the signature is (input_ids, position_ids, attention_mask, *rest): rest is one varargs tuple
+    dynamic_shapes = ({0: B, 1: T}, {0: B, 1: T}, mask_dims, tuple(rest))
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")

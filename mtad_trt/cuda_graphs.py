@@ -81,21 +81,23 @@ class TorchCudaCapturer:
 
 @dataclass
 class StaticInputs:
-    """The four small step inputs, at fixed device addresses (a graph reads them by address)."""
+    """The small step inputs, at fixed device addresses (a graph reads them by address)."""
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     attention_mask: torch.Tensor
     logits_index: torch.Tensor
+    sliding_mask: torch.Tensor | None = None  # graphs with sliding-window layers only
 
     @classmethod
-    def alloc(cls, key: Key, device: torch.device) -> StaticInputs:
+    def alloc(cls, key: Key, device: torch.device, sliding: bool = False) -> StaticInputs:
         b, t, k, s = key
         return cls(
             torch.zeros((b, t), dtype=torch.int64, device=device),
             torch.zeros((b, t), dtype=torch.int64, device=device),
             torch.zeros((b, 1, t, s + t), dtype=torch.bool, device=device),
             torch.zeros((b, k), dtype=torch.int64, device=device),
+            torch.zeros((b, 1, t, s + t), dtype=torch.bool, device=device) if sliding else None,
         )
 
     def load(self, inputs: StepInputs) -> None:
@@ -104,8 +106,11 @@ class StaticInputs:
         for dst, src in zip(self.tensors(), inputs.arrays(), strict=True):
             dst.copy_(torch.from_numpy(np.asarray(src)), non_blocking=nb)
 
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return (self.input_ids, self.position_ids, self.attention_mask, self.logits_index)
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """In graph order (ModelSpec.step_names), as the wrapper takes them."""
+        if self.sliding_mask is None:
+            return (self.input_ids, self.position_ids, self.attention_mask, self.logits_index)
+        return (self.input_ids, self.position_ids, self.attention_mask, self.sliding_mask, self.logits_index)
 
 
 @dataclass

@@ -45,22 +45,40 @@ def fill_row(
     if parents is None and cache_ancestors is None:
         mask[:t, s : s + t] = np.tri(t, dtype=bool)
         pos[:t] = np.arange(n, n + t)
-        return
-    parents = [-1] * t if parents is None else parents
-    for i in range(t):
-        p = parents[i]
-        if p >= 0:
-            if p >= i:
-                raise ValueError("tokens must come after their parents")
-            mask[i] = mask[p]
-            pos[i] = pos[p] + 1
-        else:
-            extra = cache_ancestors[i] if cache_ancestors is not None else ()
-            if len(extra):
-                mask[i, list(extra)] = True
-            pos[i] = n + len(extra)
-        mask[i, s + i] = True
+    else:
+        parents = [-1] * t if parents is None else parents
+        for i in range(t):
+            p = parents[i]
+            if p >= 0:
+                if p >= i:
+                    raise ValueError("tokens must come after their parents")
+                mask[i] = mask[p]
+                pos[i] = pos[p] + 1
+            else:
+                extra = cache_ancestors[i] if cache_ancestors is not None else ()
+                if len(extra):
+                    mask[i, list(extra)] = True
+                pos[i] = n + len(extra)
+            mask[i, s + i] = True
+    if inp.sliding_mask is not None:
+        _window(inp, r, n, t, s, cache_ancestors)
 
+
+def _window(inp: StepInputs, r: int, n: int, t: int, s: int, cache_ancestors) -> None:
+    """The sliding-window mask: attention_mask restricted to keys with q_pos - k_pos < W.
+
+    A key's position is its column's: committed slot j holds position j; a scratch slot holding
+    the e-th ancestor of a root token holds position n + e; new column s + j holds pos[j].
+    """
+    pos = inp.position_ids[r, :t]
+    key_pos = np.arange(s + t, dtype=np.int64)
+    if cache_ancestors is not None:
+        for extra in cache_ancestors:
+            for depth, slot in enumerate(extra):
+                key_pos[slot] = n + depth
+    key_pos[s : s + t] = pos
+    slide = inp.sliding_mask[r, 0]
+    slide[:t] = inp.attention_mask[r, 0, :t] & (pos[:, None] - key_pos[None, :] < inp.window)
 
 class Row:
     """Batch row `row` of one runner, with `n` committed tokens; `forward` runs a one-row step."""
@@ -69,7 +87,9 @@ class Row:
         self.runner = runner
         self.row = row
         self.n = 0  # committed tokens in the cache
-        self._bufs: ShapeCache[tuple[int, int, int], StepInputs] = ShapeCache(lambda key: StepInputs.zeros(1, *key))
+        window = runner.spec.sliding_window if runner.spec.has_sliding_layers else None
+        self._bufs: ShapeCache[tuple[int, int, int], StepInputs] = ShapeCache(
+            lambda key: StepInputs.zeros(1, *key, window=window))
 
     def reset(self) -> None:
         self.n = 0

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mtad_trt.contract import LOGITS, STEP_INPUTS, ModelSpec, StepInputs, check_step
+from mtad_trt.contract import LOGITS, ModelSpec, StepInputs, check_step
 from mtad_trt.errors import EngineFolderError
 from mtad_trt.kvcache import NP_DTYPES, HostKVCache
 from mtad_trt.runner import ShapeCache, SlotCacheRunner
@@ -46,9 +46,13 @@ class OrtRunner(SlotCacheRunner):
         self._new_kv: list[np.ndarray] = []
         self._binding = self.session.io_binding()
         names = {i.name for i in self.session.get_inputs()}
-        missing = set(STEP_INPUTS) - names
-        if missing:
-            raise EngineFolderError(f"{onnx_path} does not follow the graph contract: no input {sorted(missing)}")
+        want = set(spec.input_names)
+        if names != want:
+            missing, extra = sorted(want - names), sorted(names - want)
+            raise EngineFolderError(
+                f"{onnx_path} does not follow the graph contract of its manifest "
+                f"(missing inputs {missing or 'none'}, unexpected {extra or 'none'}): re-export the engine"
+            )
 
     # -- step --------------------------------------------------------------------------------
     def _alloc(self, key: tuple[int, int, int]) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -59,14 +63,14 @@ class OrtRunner(SlotCacheRunner):
         return logits, kv
 
     def step(self, inputs: StepInputs) -> np.ndarray:
-        b, t, k, _ = check_step(inputs, self.batch, self.cache.size)
+        b, t, k, _ = check_step(inputs, self.batch, self.cache.size, self.spec)
         logits, new_kv = self._out.get((b, t, k))
         bind = self._binding
         bind.clear_binding_inputs()
         bind.clear_binding_outputs()
         # Bound by pointer: the arrays must be contiguous and stay alive until the run returns.
         held = [np.ascontiguousarray(a) for a in inputs.arrays()]
-        for name, arr in zip(STEP_INPUTS, held, strict=True):
+        for name, arr in zip(self.spec.step_names, held, strict=True):
             bind.bind_input(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
         for (in_name, out_name), cache, new in zip(self.spec.kv_names, self.cache.views, new_kv, strict=True):
             bind.bind_input(in_name, "cpu", 0, cache.dtype, cache.shape, cache.ctypes.data)

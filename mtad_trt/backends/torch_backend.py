@@ -85,8 +85,9 @@ class TorchRunner(SlotCacheRunner):
 
     # -- step --------------------------------------------------------------------------------
     def step(self, inputs: StepInputs) -> np.ndarray:
-        key = check_step(inputs, self.batch, self.cache.size)
-        bufs = self.runner.buffers(key, lambda: StaticInputs.alloc(key, self.device))
+        key = check_step(inputs, self.batch, self.cache.size, self.spec)
+        sliding = self.spec.has_sliding_layers
+        bufs = self.runner.buffers(key, lambda: StaticInputs.alloc(key, self.device, sliding))
         bufs.load(inputs)
         views = self.cache.views
 

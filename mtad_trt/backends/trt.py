@@ -24,7 +24,7 @@ from mtad_trt.backends.trt_plans import (
     rebuild_command,
     select_plan,
 )
-from mtad_trt.contract import LOGITS, STEP_INPUTS, Key, ModelSpec, StepInputs, check_step
+from mtad_trt.contract import LOGITS, SLIDING_MASK, STEP_INPUTS, Key, ModelSpec, StepInputs, check_step
 from mtad_trt.cuda_graphs import Capturer, GraphRunner, StaticInputs, TorchCudaCapturer
 from mtad_trt.errors import BackendUnavailable, EngineFolderError, MtadError
 from mtad_trt.kvcache import TorchKVCache
@@ -32,6 +32,7 @@ from mtad_trt.manifest import Manifest
 from mtad_trt.runner import SlotCacheRunner
 
 STEP_DTYPES = {name: {np.int64: torch.int64, np.bool_: torch.bool}[dt] for name, dt in STEP_INPUTS.items()}
+STEP_DTYPES[SLIDING_MASK] = torch.bool
 
 
 TORCH_OF_TRT = {
@@ -129,7 +130,7 @@ class TrtRunner(SlotCacheRunner):
             if dt.name not in TORCH_OF_TRT:
                 raise EngineFolderError(f"plan tensor {name} has unsupported dtype {dt.name}")
             io[name] = (eng.get_tensor_mode(name) == trt.TensorIOMode.INPUT, TORCH_OF_TRT[dt.name])
-        want = {n: (True, dt) for n, dt in STEP_DTYPES.items()}
+        want = {n: (True, STEP_DTYPES[n]) for n in self.spec.step_names}
         want[LOGITS] = (False, torch.float32)
         problems = [f"{n} ({'input' if inp else 'output'} {dt})" for n, (inp, dt) in want.items() if io.get(n) != (inp, dt)]
         for past, new in self.spec.kv_names:
@@ -156,7 +157,7 @@ class TrtRunner(SlotCacheRunner):
         s = self.spec
         kv_dtype = self._io[s.kv_names[0][1]][1]
         return TrtBuffers(
-            inputs=StaticInputs.alloc(key, self.device),
+            inputs=StaticInputs.alloc(key, self.device, self.spec.has_sliding_layers),
             logits=torch.empty((b, k, s.vocab_size), dtype=self._io[LOGITS][1], device=self.device),
             new_kv=[
                 torch.empty((b, s.num_kv_heads, t, s.head_dim), dtype=kv_dtype, device=self.device)
@@ -175,7 +176,7 @@ class TrtRunner(SlotCacheRunner):
             if not ctx.set_optimization_profile_async(profile, self._stream()):
                 raise MtadError(f"TensorRT refused to switch to optimization profile {phase}")
             self._active_profile = profile
-        inputs = list(zip(STEP_INPUTS, bufs.inputs.tensors(), strict=True))
+        inputs = list(zip(self.spec.step_names, bufs.inputs.tensors(), strict=True))
         inputs += [(name, view) for (name, _), view in zip(self.spec.kv_names, self.cache.views, strict=True)]
         for name, tensor in inputs:
             if not ctx.set_input_shape(name, tuple(tensor.shape)):
@@ -197,7 +198,7 @@ class TrtRunner(SlotCacheRunner):
         return bufs
 
     def step(self, inputs: StepInputs) -> np.ndarray:
-        key = check_step(inputs, self.batch, self.cache.size)
+        key = check_step(inputs, self.batch, self.cache.size, self.spec)
         bufs = self.runner.buffers(key, lambda: self._alloc(key))
         bufs.inputs.load(inputs)
         self._bind(key, bufs)

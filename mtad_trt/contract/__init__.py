@@ -22,6 +22,8 @@ STEP_INPUTS: dict[str, type] = {
     "attention_mask": np.bool_,  # [B, 1, T, S+T] True = may attend; columns: S cache slots, then T new
     "logits_index": np.int64,  # [B, K] which of the T positions need logits
 }
+SLIDING_MASK = "sliding_attention_mask"  # bool [B, 1, T, S+T]: attention_mask within the window; only
+# in graphs with sliding-window layers (ModelSpec.sliding_window), right after attention_mask
 LOGITS = "logits"  # float32 [B, K, V]
 DTYPES = ("float32", "float16", "bfloat16")  # graph / KV-cache dtypes
 
@@ -45,6 +47,20 @@ class ModelSpec:
     dtype: str  # one of DTYPES: the KV-cache / graph dtype
     max_seq_len: int  # KV-cache capacity S_max in slots
     architecture: str = ""
+    sliding_window: int | None = None  # W: a sliding layer's query at position p sees keys at p-W+1..p
+    layer_types: list[str] | None = None  # per layer "full_attention" | "sliding_attention" (None: all full)
+
+    @property
+    def has_sliding_layers(self) -> bool:
+        return self.sliding_window is not None and "sliding_attention" in (self.layer_types or [])
+
+    @property
+    def step_names(self) -> list[str]:
+        """The step inputs of this model's graph, in graph order (before the KV-cache inputs)."""
+        names = list(STEP_INPUTS)
+        if self.has_sliding_layers:
+            names.insert(names.index("attention_mask") + 1, SLIDING_MASK)
+        return names
 
     @property
     def kv_names(self) -> list[tuple[str, str]]:
@@ -53,7 +69,7 @@ class ModelSpec:
 
     @property
     def input_names(self) -> list[str]:
-        return [*STEP_INPUTS, *(p for p, _ in self.kv_names)]
+        return [*self.step_names, *(p for p, _ in self.kv_names)]
 
     @property
     def output_names(self) -> list[str]:
@@ -65,13 +81,14 @@ class ModelSpec:
             "input_ids": ["B", "T"],
             "position_ids": ["B", "T"],
             "attention_mask": ["B", 1, "T", "S+T"],
+            SLIDING_MASK: ["B", 1, "T", "S+T"],
             "logits_index": ["B", "K"],
             LOGITS: ["B", "K", self.vocab_size],
         }
         for past, new in self.kv_names:
             dims[past] = ["B", self.num_kv_heads, "S", self.head_dim]
             dims[new] = ["B", self.num_kv_heads, "T", self.head_dim]
-        return dims
+        return {name: d for name, d in dims.items() if name in self.input_names or name in self.output_names}
 
 
 def config_facts(model: Any) -> dict[str, Any]:
@@ -90,11 +107,31 @@ def config_facts(model: Any) -> dict[str, Any]:
     }
 
 
+def attention_layout(config: Any) -> tuple[int | None, list[str]]:
+    """(sliding window, per-layer attention types) as the HF model applies them.
+
+    Qwen2 / Gemma 2 / Gemma 3 name each layer's type in `layer_types`; Mistral and Phi-3 slide on
+    every layer when `sliding_window` is set. A window at least as long as any context the engine
+    can hold changes nothing, but it is kept: the manifest records what the model does.
+    """
+    window = getattr(config, "sliding_window", None)
+    n = config.num_hidden_layers
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        types = ["sliding_attention" if window is not None else "full_attention"] * n
+    types = list(types)
+    if window is None:
+        types = ["full_attention"] * n
+    return (int(window) if window is not None else None), types
+
+
 def spec_from_model(model: Any, dtype: str, max_seq_len: int) -> ModelSpec:
     """The ModelSpec an export of `model` at `dtype` with `max_seq_len` slots has."""
     limit = getattr(model.config, "max_position_embeddings", None) or max_seq_len
+    window, types = attention_layout(model.config)
     return ModelSpec(**config_facts(model), dtype=dtype, max_seq_len=min(max_seq_len, limit),
-                     architecture=type(model).__name__)
+                     architecture=type(model).__name__,
+                     sliding_window=window if "sliding_attention" in types else None, layer_types=types)
 
 
 def check_model(model: Any, spec: ModelSpec, where: str) -> None:
@@ -115,25 +152,31 @@ class StepInputs:
     position_ids: np.ndarray  # int64 [B, T]
     attention_mask: np.ndarray  # bool [B, 1, T, S + T]; True = may attend
     logits_index: np.ndarray  # int64 [B, K]: which of the T positions need logits
+    sliding_mask: np.ndarray | None = None  # bool [B, 1, T, S + T]: for graphs with sliding layers
+    window: int | None = None  # W of the sliding mask (what fill_row needs to build it)
 
     @classmethod
-    def zeros(cls, b: int, t: int, k: int, s: int) -> StepInputs:
+    def zeros(cls, b: int, t: int, k: int, s: int, window: int | None = None) -> StepInputs:
         return cls(
             input_ids=np.zeros((b, t), np.int64),
             position_ids=np.zeros((b, t), np.int64),
             attention_mask=np.zeros((b, 1, t, s + t), bool),
             logits_index=np.zeros((b, k), np.int64),
+            sliding_mask=np.zeros((b, 1, t, s + t), bool) if window is not None else None,
+            window=window,
         )
 
     def arrays(self) -> tuple[np.ndarray, ...]:
-        """The inputs in graph order (the order of STEP_INPUTS)."""
-        return (self.input_ids, self.position_ids, self.attention_mask, self.logits_index)
+        """The inputs in graph order (ModelSpec.step_names)."""
+        if self.sliding_mask is None:
+            return (self.input_ids, self.position_ids, self.attention_mask, self.logits_index)
+        return (self.input_ids, self.position_ids, self.attention_mask, self.sliding_mask, self.logits_index)
 
 
 Key = tuple[int, int, int, int]  # (B, T, K, S): batch rows, new tokens, logits rows, cache bucket
 
 
-def check_step(inputs: StepInputs, rows: int, s: int) -> Key:
+def check_step(inputs: StepInputs, rows: int, s: int, spec: ModelSpec | None = None) -> Key:
     """The step's shape key (B, T, K, S), after the checks every runner makes."""
     b, t = inputs.input_ids.shape
     k = inputs.logits_index.shape[1]
@@ -141,4 +184,6 @@ def check_step(inputs: StepInputs, rows: int, s: int) -> Key:
         raise ValueError(f"step has {b} batch rows; this runner's cache has {rows}")
     if inputs.attention_mask.shape != (b, 1, t, s + t):
         raise ValueError(f"attention_mask shape {inputs.attention_mask.shape}, expected {(b, 1, t, s + t)}")
+    if spec is not None and spec.has_sliding_layers != (inputs.sliding_mask is not None):
+        raise ValueError(f"this graph {'needs' if spec.has_sliding_layers else 'takes no'} {SLIDING_MASK}")
     return (b, t, k, s)

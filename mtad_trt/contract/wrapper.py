@@ -1,11 +1,13 @@
 """The contract wrapper: a Hugging Face causal LM as one function of the graph contract.
 
-    (input_ids, position_ids, attention_mask[bool], logits_index, *past) -> (logits, *new_kv)
+    (input_ids, position_ids, attention_mask[bool], [sliding_attention_mask], logits_index, *past)
+        -> (logits, *new_kv)
 
 Both the ONNX export and the torch backend run this same module, so the torch backend is also the
 parity reference for every other backend. No model is re-implemented: the wrapper calls the HF
-model's own decoder stack with a cache object built from the flat past tensors, a fully
-specified 4-D mask, and explicit positions.
+model's own decoder stack with a cache of plain full-length layers built from the flat past
+tensors, fully specified 4-D masks (the runtime builds the sliding-window one too: no window size
+is baked into the graph), and explicit positions.
 """
 
 from __future__ import annotations
@@ -15,22 +17,26 @@ from torch import nn
 from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
+from mtad_trt.contract import attention_layout
+
 ATTN_NAME = "mtad_grouped"
 
 
-def grouped_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+def grouped_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, softcap=None, **kwargs):
     """Grouped-query attention without materialising K/V per query head.
 
     HF's eager path repeats K/V `num_key_value_groups` times (`repeat_kv`) before the matmuls; in
     an exported graph that is a real copy of the whole cache every step. Here the query heads are
     folded onto their KV head instead ([B, Hkv, G*T, D]) and the mask is broadcast over groups.
-    Mathematically identical to eager attention.
+    Mathematically identical to eager attention, soft-capping (Gemma 2) included.
     """
     b, h, t, d = query.shape
     hkv = key.shape[1]
     g = h // hkv
     q = query.reshape(b, hkv, g * t, d)
     w = torch.matmul(q, key.transpose(2, 3)) * scaling  # [B, Hkv, G*T, S+T]
+    if softcap is not None:
+        w = torch.tanh(w / softcap) * softcap
     if attention_mask is not None:
         w = w.view(b, hkv, g, t, -1) + attention_mask.unsqueeze(2)  # mask [B,1,T,S+T] -> [B,1,1,T,S+T]
         w = w.view(b, hkv, g * t, -1)
@@ -69,21 +75,38 @@ class ContractWrapper(nn.Module):
         self.cache_kw = _cache_keyword(self.decoder)
         cfg._attn_implementation = ATTN_NAME if attention == "grouped" else "eager"
         self.mask_dtype = next(model.parameters()).dtype
+        window, types = attention_layout(cfg)
+        self.sliding = window is not None and "sliding_attention" in types
+        # Qwen2 / Gemma take {layer type: mask}; Mistral / Phi-3 (every layer sliding) take one mask.
+        self.masks_by_type = getattr(cfg, "layer_types", None) is not None
+        self.final_softcap = getattr(cfg, "final_logit_softcapping", None)  # applied in *ForCausalLM.forward
 
-    def forward(self, input_ids, position_ids, attention_mask, logits_index, *past):
-        t = input_ids.shape[1]
-        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)]
-        cache = DynamicCache(ddp_cache_data=pairs, config=self.model.config)
+    def _additive(self, mask: torch.Tensor) -> torch.Tensor:
         # Eager attention *adds* the mask: use finfo.min, not -inf (an all -inf row would be NaN).
-        additive = torch.where(
-            attention_mask,
+        return torch.where(
+            mask,
             torch.zeros((), dtype=self.mask_dtype),
             torch.full((), torch.finfo(self.mask_dtype).min, dtype=self.mask_dtype),
         )
+
+    def forward(self, input_ids, position_ids, attention_mask, *rest):
+        if self.sliding:
+            sliding_mask, logits_index, *past = rest
+        else:
+            logits_index, *past = rest
+        t = input_ids.shape[1]
+        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)]
+        # No config: every layer a plain DynamicLayer holding all S+T keys. With the config,
+        # sliding layers would keep only W-1 of them, which no S+T wide mask fits.
+        cache = DynamicCache(ddp_cache_data=pairs)
+        mask = self._additive(attention_mask)
+        if self.sliding:
+            slide = self._additive(sliding_mask)
+            mask = {"full_attention": mask, "sliding_attention": slide} if self.masks_by_type else slide
         out = self.decoder(
             input_ids=input_ids,
             position_ids=position_ids,
-            attention_mask=additive,
+            attention_mask=mask,
             use_cache=True,
             **{self.cache_kw: cache},
         )
@@ -91,6 +114,8 @@ class ContractWrapper(nn.Module):
         idx = logits_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
         picked = torch.gather(hidden, 1, idx)  # [B, K, H]: the LM head runs only where asked
         logits = self.lm_head(picked).float()
+        if self.final_softcap is not None:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         new = []
         for layer in cache.layers:
             new.append(layer.keys[:, :, -t:, :])
