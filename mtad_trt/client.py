@@ -1,25 +1,25 @@
-"""The runtime's client surface for front ends (the HTTP server, a Ray replica): a thread that owns
-the Pipeline, and four calls into it — `info`, `prepare`, `submit`, `cancel`.
+"""The runtime's client surface for front ends (the HTTP server, a Ray replica): a thread that runs
+a Pipeline's scheduler, and four calls into it — `info`, `prepare`, `submit`, `cancel`.
 
 Everything that decides what a request may be or how it runs stays in the runtime: a front end
 parses its own protocol, tokenizes with its own `Encoder`, asks `prepare` to validate and fit the
-settings, and `submit`s. The runtime thread reports back through the request's `Sink`, and what
-happened to requests through an optional `Observer` (the server's Prometheus metrics): the
-runtime never touches a front end's objects.
+settings, and `submit`s. Requests join the running batch at the next iteration; the runtime
+thread reports back through each request's `Sink`, and what happened through an optional
+`Observer` (the server's Prometheus metrics): the runtime never touches a front end's objects.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from mtad_trt.errors import Busy, MtadError, ShuttingDown
-from mtad_trt.pipeline import Encoder, ModelInfo, Piece, Pipeline, Request
+from mtad_trt.pipeline import Encoder, ModelInfo, Pipeline
+from mtad_trt.request import Piece, Request
+from mtad_trt.scheduler import Update
 from mtad_trt.stats import Stats
 
 log = logging.getLogger("mtad_trt.client")
@@ -36,7 +36,7 @@ class Sink(Protocol):
 
 
 class Observer(Protocol):
-    """What the runtime reports about requests (queue depth, starts, tokens, ends)."""
+    """What the runtime reports (queue depth, starts, tokens, ends, iterations)."""
 
     def waiting(self, n: int) -> None: ...
 
@@ -50,6 +50,8 @@ class Observer(Protocol):
         """A request cancelled before it started."""
         ...
 
+    def iteration(self, rows: int, seconds: float) -> None: ...
+
 
 @dataclass(eq=False)
 class Handle:
@@ -58,32 +60,36 @@ class Handle:
     request: Request
     sink: Sink
     streaming: bool = True  # False: the sink wants the whole text once, at the end
-    stats: Stats = field(default_factory=Stats)
-    arrived: float = field(default_factory=time.perf_counter)
-    started: float = 0.0
-    cancelled: threading.Event = field(default_factory=threading.Event)
+    held: list[Piece] = field(default_factory=list)
+    reported: bool = False  # the observer was told it started
 
     @property
-    def queue_s(self) -> float:
-        return max(0.0, self.started - self.arrived) if self.started else 0.0
+    def stats(self) -> Stats:
+        return self.request.stats
 
 
 class RuntimeClient:
-    """The only thread that touches the Pipeline; runs submitted requests one at a time, FIFO."""
+    """The only thread that steps the Pipeline's scheduler (continuous batching of up to
+    `pipeline.max_batch` requests; at most `max_queue` more wait for a row)."""
 
     def __init__(self, pipeline: Pipeline, max_queue: int = 64, observer: Observer | None = None) -> None:
         if max_queue < 1:
             raise MtadError(f"max_queue must be >= 1, got {max_queue}")
         self.pipeline, self.max_queue, self.observer = pipeline, max_queue, observer
-        self._jobs: deque[Handle] = deque()
+        self._incoming: list[Handle] = []
+        self._handles: dict[int, Handle] = {}  # id(request) -> handle, for every submitted request
         self._cond = threading.Condition()
         self._stopping = False
-        self.running: Handle | None = None
         self._thread: threading.Thread | None = None
 
     # -- what a front end may ask -------------------------------------------------------------
     def info(self) -> ModelInfo:
         return self.pipeline.info()
+
+    @property
+    def capacity(self) -> int:
+        """Requests this runtime accepts at once: running rows + queue (what a router may send)."""
+        return self.pipeline.max_batch + self.max_queue
 
     def encoder(self) -> Encoder:
         return self.pipeline.encoder()
@@ -98,28 +104,35 @@ class RuntimeClient:
         with self._cond:
             if self._stopping:
                 raise ShuttingDown("the server is shutting down")
-            if len(self._jobs) >= self.max_queue:
+            if self._waiting() >= self.max_queue:
                 raise Busy(f"the request queue is full ({self.max_queue} waiting); retry later")
-            self._jobs.append(handle)
+            self._incoming.append(handle)
+            self._handles[id(request)] = handle
             self._report_waiting()
             self._cond.notify()
         return handle
 
     def cancel(self, handle: Handle) -> None:
-        """Thread-safe: drop a waiting request, or make the running one stop after its current round."""
-        handle.cancelled.set()
+        """Thread-safe: drop a waiting request, or end a running one at the next iteration."""
+        handle.request.cancelled.set()
         with self._cond:
-            with contextlib.suppress(ValueError):
-                self._jobs.remove(handle)
+            if handle in self._incoming:
+                self._incoming.remove(handle)
+                self._handles.pop(id(handle.request), None)
                 self._report_waiting()
                 if self.observer:
                     self.observer.dropped(handle)
+            self._cond.notify()
 
     # -- lifecycle -----------------------------------------------------------------------------
     @property
     def died(self) -> bool:
         """Started and no longer running while not asked to stop (a bug; /health reports it)."""
         return self._thread is not None and not self._thread.is_alive() and not self._stopping
+
+    @property
+    def running(self) -> int:
+        return len(self.pipeline.scheduler.running)
 
     def start(self) -> None:
         with self._cond:
@@ -128,79 +141,101 @@ class RuntimeClient:
                 self._thread.start()
 
     def stop(self, timeout_s: float) -> None:
-        """Refuse queued requests (ShuttingDown), let the running one finish within timeout_s, then cancel it."""
+        """Refuse queued requests (ShuttingDown), let the running ones finish within timeout_s, then cancel them."""
         with self._cond:
             self._stopping = True
-            pending = list(self._jobs)
-            self._jobs.clear()
+            pending = list(self._incoming)
+            self._incoming.clear()
+            sched = self.pipeline.scheduler
+            waiting = list(sched.waiting)
+            for req in waiting:
+                sched.waiting.remove(req)
             self._report_waiting()
             self._cond.notify_all()
-        for handle in pending:
+        for handle in pending + [self._handles.pop(id(r)) for r in waiting if id(r) in self._handles]:
             handle.sink.error(ShuttingDown("the server is shutting down"))
         if self._thread is None:
             return
         self._thread.join(timeout_s)
-        running = self.running
-        if self._thread.is_alive() and running is not None:
-            log.warning("cancelling the running request: drain timeout reached")
-            running.cancelled.set()
+        if self._thread.is_alive():
+            log.warning("cancelling the running requests: drain timeout reached")
+            for handle in list(self._handles.values()):
+                handle.request.cancelled.set()
             self._thread.join(5.0)
 
     # -- the runtime thread --------------------------------------------------------------------
+    def _waiting(self) -> int:
+        return len(self._incoming) + len(self.pipeline.scheduler.waiting)
+
     def _report_waiting(self) -> None:
         if self.observer:
-            self.observer.waiting(len(self._jobs))
+            self.observer.waiting(self._waiting())
 
     def _run(self) -> None:
+        sched = self.pipeline.scheduler
         while True:
             with self._cond:
-                while not self._jobs and not self._stopping:
+                while not self._incoming and not sched.busy and not self._stopping:
                     self._cond.wait()
-                if not self._jobs:
+                if self._stopping and not sched.busy and not self._incoming:
                     return
-                handle = self._jobs.popleft()
-                self._report_waiting()
-                self.running = handle
+                for handle in self._incoming:
+                    sched.add(handle.request)
+                self._incoming.clear()
             try:
-                if handle.cancelled.is_set():
-                    if self.observer:
-                        self.observer.dropped(handle)
-                else:
-                    self._execute(handle)
+                for req in sched.admit():  # before the step, so the gauges are right while it runs
+                    self._report_started(req)
+                with self._cond:
+                    self._report_waiting()
+                updates = sched.step()
+                now = time.perf_counter()
+                for req in [*sched.running, *(u.request for u in updates)]:
+                    self._report_started(req)
+                with self._cond:
+                    self._report_waiting()
+                for update in updates:
+                    self._deliver(update, now)
+                if self.observer and sched.last.rows:
+                    self.observer.iteration(sched.last.rows, sched.last.seconds)
             except BaseException as e:  # never let the thread die, nor a front end wait forever
                 log.exception("runtime thread failed")
-                handle.sink.error(e if isinstance(e, Exception) else RuntimeError(repr(e)))
-            finally:
-                self.running = None
+                for req in list(sched.running):
+                    sched.abort(req)
+                    req.error = e if isinstance(e, Exception) else RuntimeError(repr(e))
+                    self._deliver(Update(req, None, True), time.perf_counter())
 
-    def _execute(self, handle: Handle) -> None:
-        obs = self.observer
-        handle.started = time.perf_counter()
-        if obs:
-            obs.started(handle)
-        held: list[Piece] = []  # non-streaming: waking the front end per round would only cost time
-        gen = None
-        try:
-            gen = self.pipeline.stream_request(handle.request, handle.stats)
-            for piece in gen:
-                if piece.token_ids and obs:
-                    obs.tokens(handle, len(piece.token_ids), time.perf_counter())
-                if handle.streaming:
-                    handle.sink.piece(piece)
-                else:
-                    held.append(piece)
-                if handle.cancelled.is_set():
-                    break
-            if held:
-                handle.sink.piece(Piece([t for p in held for t in p.token_ids], "".join(p.text for p in held)))
-        except Exception as e:
-            if not isinstance(e, MtadError):
-                log.exception("generation failed")
-            handle.sink.error(e)
+    def _report_started(self, req: Request) -> None:
+        handle = self._handles.get(id(req))
+        if handle is not None and req.started and not handle.reported and self.observer:
+            handle.reported = True
+            self.observer.started(handle)
+
+    def _deliver(self, update: Update, now: float) -> None:
+        req = update.request
+        handle = self._handles.get(id(req))
+        if handle is None:
             return
-        finally:
-            if gen is not None:
-                gen.close()  # cancels the generation if we broke out early
+        obs, piece = self.observer, update.piece
+        if not req.started:  # cancelled while waiting in the scheduler
+            self._handles.pop(id(req), None)
             if obs:
-                obs.finished(handle)
-        handle.sink.done(handle.stats)
+                obs.dropped(handle)
+            return
+        if piece is not None:
+            if piece.token_ids and obs:
+                obs.tokens(handle, len(piece.token_ids), now)
+            if handle.streaming:
+                handle.sink.piece(piece)
+            else:
+                handle.held.append(piece)
+        if not update.finished:
+            return
+        self._handles.pop(id(req), None)
+        if handle.held:
+            handle.sink.piece(Piece([t for p in handle.held for t in p.token_ids], "".join(p.text for p in handle.held)))
+        if obs:
+            obs.finished(handle)
+        if req.error is not None:
+            handle.sink.error(req.error)
+        else:
+            handle.sink.done(req.stats)

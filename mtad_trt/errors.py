@@ -41,3 +41,8 @@ class Busy(MtadError):
 
 class ShuttingDown(MtadError):
     """The runtime is draining or stopped and takes no new requests."""
+
+
+class StepFailed(MtadError):
+    """A model call failed at run time (an ONNX Runtime / TensorRT error): the requests in that call
+    end with this error; the runtime itself goes on."""

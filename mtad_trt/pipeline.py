@@ -14,30 +14,24 @@ from __future__ import annotations
 
 import copy
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from mtad_trt.backends import choose_backend, load_runner
-from mtad_trt.decoders import DECODER_FNS, drive
+from mtad_trt.backends import check_memory, choose_backend, load_runner
 from mtad_trt.errors import CapacityError, EngineFolderError, MtadError
 from mtad_trt.manifest import Manifest
-from mtad_trt.params import DecodeParams, SamplingParams, settings_dict, split_settings
+from mtad_trt.params import split_settings
+from mtad_trt.policy import make_policy
+from mtad_trt.request import Piece, Request
 from mtad_trt.rows import Row
+from mtad_trt.scheduler import Scheduler, Update
 from mtad_trt.scoring import token_logprobs
 from mtad_trt.stats import Stats
 
-
-@dataclass
-class Piece:
-    """One streamed increment: new token ids and the text they complete."""
-
-    token_ids: list[int]
-    text: str
+DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per scheduler step (see docs/serve.md for what it costs)
 
 
 @dataclass
@@ -68,19 +62,7 @@ class ModelInfo:
     max_model_len: int  # capacity: the most tokens (prompt + output + scratch) a request may use
     vocab_size: int
     has_draft: bool
-
-
-@dataclass
-class Request:
-    """A request whose settings were validated and fitted (`Pipeline.prepare`)."""
-
-    prompt_ids: list[int]
-    sampling: SamplingParams
-    decode: DecodeParams
-
-    @property
-    def settings(self) -> dict[str, Any]:
-        return settings_dict(self.sampling, self.decode)
+    max_batch: int = 1  # requests that run at once (batch rows)
 
 
 class Encoder:
@@ -109,16 +91,23 @@ class Encoder:
 
 
 class Pipeline:
-    """One runner per role and one batch row (row 0) on each: one request at a time (a lock
-    enforces it; the server queues in front of it). `Pipeline.load` is the usual way in."""
+    """One runner per role and a scheduler over their batch rows (`max_batch` requests at once).
 
-    def __init__(self, folder: Path, manifest: Manifest, tokenizer, target, draft, backend: str) -> None:
+    `generate` / `stream` run the scheduler in the caller's thread (one caller at a time: a lock
+    enforces it); `generate` over a list of prompts batches them. A server drives the same
+    scheduler from a thread of its own (`client.RuntimeClient`). `Pipeline.load` is the usual way in.
+    """
+
+    def __init__(self, folder: Path, manifest: Manifest, tokenizer, target, draft, backend: str,
+                 max_batch: int = 1, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, spec_policy: str = "fixed") -> None:
         self.folder, self.manifest, self.tokenizer = folder, manifest, tokenizer
         self.backend = backend
-        self.target, self.draft = Row(target), (Row(draft) if draft is not None else None)
+        self.target, self.draft = target, draft
         self.eos_ids = set(manifest.eos_token_ids)
         if tokenizer.eos_token_id is not None:
             self.eos_ids.add(int(tokenizer.eos_token_id))
+        self.scheduler = Scheduler(target, draft, tokenizer, self.eos_ids, max_batch, prefill_chunk,
+                                   policy=make_policy(spec_policy, target, draft, max_batch))
         self._encoder = Encoder(tokenizer)
         self._lock = threading.Lock()
 
@@ -132,21 +121,29 @@ class Pipeline:
         threads: int = 1,
         draft_threads: int | None = None,
         load_draft: bool = True,
+        max_batch: int = 1,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        spec_policy: str = "fixed",
     ) -> Pipeline:
         folder = Path(folder)
         manifest = Manifest.load(folder)
+        if max_batch < 1:
+            raise MtadError(f"--max-batch must be >= 1, got {max_batch}")
         backend, device = choose_backend(manifest, backend, device)
+        roles = ["target"] + (["draft"] if load_draft and "draft" in manifest.roles else [])
+        check_memory(manifest, roles, max_batch, device, folder)
         tokenizer = load_tokenizer(folder / manifest.tokenizer)
-        target = load_runner(folder, manifest, "target", backend, device, threads)
+        target = load_runner(folder, manifest, "target", backend, device, threads, batch=max_batch)
         draft = None
-        if load_draft and "draft" in manifest.roles:
-            draft = load_runner(folder, manifest, "draft", backend, device, draft_threads or threads)
-        return cls(folder, manifest, tokenizer, target, draft, f"{backend}-{device}")
+        if "draft" in roles:
+            draft = load_runner(folder, manifest, "draft", backend, device, draft_threads or threads, batch=max_batch)
+        return cls(folder, manifest, tokenizer, target, draft, f"{backend}-{device}", max_batch, prefill_chunk,
+                   spec_policy)
 
     def close(self) -> None:
-        self.target.runner.close()
+        self.target.close()
         if self.draft is not None:
-            self.draft.runner.close()
+            self.draft.close()
 
     def __enter__(self) -> Pipeline:
         return self
@@ -158,8 +155,12 @@ class Pipeline:
     @property
     def capacity(self) -> int:
         """The most tokens a request may use: prompt + output + decoder scratch."""
-        cap = self.target.capacity
-        return min(cap, self.draft.capacity) if self.draft is not None else cap
+        cap = self.target.spec.max_seq_len
+        return min(cap, self.draft.spec.max_seq_len) if self.draft is not None else cap
+
+    @property
+    def max_batch(self) -> int:
+        return self.scheduler.max_batch
 
     def info(self) -> ModelInfo:
         return ModelInfo(
@@ -168,6 +169,7 @@ class Pipeline:
             max_model_len=self.capacity,
             vocab_size=min(e.spec.vocab_size for e in self.manifest.roles.values()),
             has_draft=self.draft is not None,
+            max_batch=self.max_batch,
         )
 
     def encoder(self) -> Encoder:
@@ -186,7 +188,8 @@ class Pipeline:
         """Validate settings and refuse up front what cannot run or fit (messages name the limit).
 
         Without `max_new_tokens` in `settings`, the request gets what fits the capacity, capped
-        at `default_max_new_tokens` when given (OpenAI's completions default is 16).
+        at `default_max_new_tokens` when given (OpenAI's completions default is 16). The settings
+        given here are the request's fixed ones: a speculation policy may move only the others.
         """
         if not prompt_ids:
             raise MtadError("the prompt is empty", param="prompt")
@@ -207,72 +210,69 @@ class Pipeline:
                 f"exceeds the engine capacity of {self.capacity} tokens"
                 + (f"; at most {room} new tokens fit" if room > 0 else "")
             )
-        return Request(list(prompt_ids), sp, dp)
+        return Request(list(prompt_ids), sp, dp, fixed=frozenset(settings))
 
-    def stream_request(self, req: Request, stats: Stats | None = None) -> Iterator[Piece]:
+    def run(self, requests: list[Request]) -> Iterator[Update]:
+        """Run prepared requests to the end as one batch, yielding each step's updates.
+        Closing the iterator cancels whatever has not finished."""
+        with self._lock:
+            try:
+                for req in requests:
+                    self.scheduler.add(req)
+                while not all(r.finished for r in requests):
+                    yield from self.scheduler.step()
+            finally:
+                for req in requests:
+                    self.scheduler.abort(req)
+
+    def stream_request(self, req: Request) -> Iterator[Piece]:
         """Yield text pieces of a prepared request; stop strings end it before they appear.
         Closing the iterator cancels the request."""
-        stats = stats if stats is not None else Stats()
-        stops = req.sampling.stop
-        hold = max((len(s) for s in stops), default=1) - 1  # chars held back: a stop may still be forming
-        gen = self._token_chunks(req, stats)
-        out: list[int] = []
-        sent = 0
-        try:
-            for chunk in gen:
-                out.extend(chunk)
-                text = self._decode(out)
-                cut = _find_stop(text, stops)
-                if cut is not None:
-                    stats.finish_reason = "stop"
-                    if cut > sent:
-                        yield Piece(chunk, text[sent:cut])
-                    return
-                safe = len(text) - hold if stops else len(text)
-                if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its other bytes
-                    safe = min(safe, len(text) - 1)
-                if safe > sent:
-                    yield Piece(chunk, text[sent:safe])
-                    sent = safe
-                else:
-                    yield Piece(chunk, "")
-            text = self._decode(out)
-            if len(text) > sent:
-                yield Piece([], text[sent:])
-        finally:
-            gen.close()
+        for update in self.run([req]):
+            if update.request.error is not None:
+                raise update.request.error
+            if update.piece is not None:
+                yield update.piece
 
-    def _token_chunks(self, req: Request, stats: Stats) -> Iterator[list[int]]:
-        sp, dp = req.sampling, req.decode
-        stop_ids = set(sp.stop_token_ids) | (set() if sp.ignore_eos else self.eos_ids)
-        if not self._lock.acquire(blocking=False):
-            raise MtadError("this Pipeline is busy with another request (one at a time; the server queues)")
-        try:
-            yield from drive(DECODER_FNS[dp.decoder], self.target, self.draft, req.prompt_ids, sp, dp, stats, stop_ids)
-        finally:
-            self._lock.release()
-
-    def stream_ids(self, prompt_ids: list[int], stats: Stats | None = None, **settings) -> Iterator[list[int]]:
-        """Yield generated token-id chunks (no detokenizing). Closing the iterator cancels the request."""
-        return self._token_chunks(self.prepare(prompt_ids, **settings), stats if stats is not None else Stats())
+    def stream_ids(self, prompt_ids: list[int], **settings) -> Iterator[list[int]]:
+        """Yield generated token-id chunks. Closing the iterator cancels the request."""
+        return (p.token_ids for p in self.stream_request(self.prepare(prompt_ids, **settings)) if p.token_ids)
 
     def stream(self, prompt: str | list[int], chat: bool = False, stats: Stats | None = None, **settings) -> Iterator[Piece]:
-        """Yield text pieces as tokens arrive; stop strings end the stream before they appear."""
-        ids = self.encode(prompt, chat=chat) if isinstance(prompt, str) else list(prompt)
-        return self.stream_request(self.prepare(ids, **settings), stats)
-
-    def generate(self, prompt: str | list[int], chat: bool = False, **settings) -> Output:
+        """Yield text pieces as tokens arrive; stop strings end the stream before they appear.
+        `stats`, when given, is filled in as the request runs."""
         ids = self.encode(prompt, chat=chat) if isinstance(prompt, str) else list(prompt)
         req = self.prepare(ids, **settings)
-        stats = Stats()
-        token_ids: list[int] = []
-        parts: list[str] = []
-        t0 = time.perf_counter()
-        for piece in self.stream_request(req, stats):
-            token_ids.extend(piece.token_ids)
-            parts.append(piece.text)
-        stats.wall_s = max(stats.wall_s, time.perf_counter() - t0)
-        return Output("".join(parts), token_ids, ids, stats, stats.finish_reason, req.settings)
+        if stats is not None:
+            req.stats = stats
+        return self.stream_request(req)
+
+    def generate(self, prompt: str | list[int] | list[str] | list[list[int]], chat: bool = False,
+                 settings: list[dict] | None = None, **common) -> Output | list[Output]:
+        """One prompt -> one Output. A list of prompts -> a list of Outputs, run as one batch of up
+        to `max_batch` rows (like vLLM's LLM.generate); `settings` gives per-prompt settings
+        (e.g. seeds) on top of the common ones."""
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            prompts = [self.encode(p, chat=chat) if isinstance(p, str) else list(p) for p in prompt]
+            per = settings or [{} for _ in prompts]
+            if len(per) != len(prompts):
+                raise MtadError(f"{len(prompts)} prompts but {len(per)} settings")
+            reqs = [self.prepare(ids, **{**common, **s}) for ids, s in zip(prompts, per, strict=True)]
+            for _ in self.run(reqs):
+                pass
+            return [self._output(r) for r in reqs]
+        ids = self.encode(prompt, chat=chat) if isinstance(prompt, str) else list(prompt)
+        req = self.prepare(ids, **common)
+        text = "".join(p.text for p in self.stream_request(req))
+        return self._output(req, text)
+
+    def _output(self, req: Request, text: str | None = None) -> Output:
+        if req.error is not None:
+            raise req.error
+        if text is None:
+            text = req.detok.text if req.detok is not None else ""
+        return Output(text, list(req.output_ids), list(req.prompt_ids), req.stats, req.stats.finish_reason,
+                      req.settings)
 
     # -- scoring -------------------------------------------------------------------------------
     def score(self, prompt_ids: list[int], continuation: list[int], cut_at_eos: bool = True) -> np.ndarray:
@@ -287,15 +287,9 @@ class Pipeline:
         if not continuation:
             return np.zeros(0)
         with self._lock:
-            return token_logprobs(self.target, prompt_ids, continuation)
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-
-def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return min(hits) if hits else None
+            if self.scheduler.busy:
+                raise MtadError("cannot score while requests are running on this Pipeline")
+            return token_logprobs(Row(self.target), prompt_ids, continuation)
 
 
 def load_tokenizer(path: Path):

@@ -15,8 +15,9 @@ class Stats:
     decoder: str = "ar"
     gamma: int = 0
     beam_width: int = 0
-    target_calls: int = 0  # including the prefill / first verify
-    draft_calls: int = 0
+    target_calls: int = 0  # verify calls (plain steps for ar); prompt chunks are prefill_calls
+    draft_calls: int = 0  # draft calls of the rounds (depth 0..γ-1)
+    prefill_calls: int = 0  # prompt chunks fed to either model (and draft catch-up after plain steps)
     drafted_tokens: int = 0  # tokens put before the target for verification (B*γ for mmtad)
     accepted_tokens: int = 0
     iterations: int = 0  # draft+verify rounds
@@ -24,7 +25,7 @@ class Stats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     ttft_s: float = 0.0
-    prefill_s: float = 0.0  # ar: the prompt step; speculative: first round's target call
+    prefill_s: float = 0.0  # prompt chunks (both models)
     draft_s: float = 0.0
     verify_s: float = 0.0
     wall_s: float = 0.0
@@ -35,7 +36,7 @@ class Stats:
         """Counters and times summed over requests of one decoder (for aggregate rates)."""
         out = cls(decoder=many[0].decoder if many else "ar", gamma=many[0].gamma if many else 0,
                   beam_width=many[0].beam_width if many else 0)
-        for name in ("target_calls", "draft_calls", "drafted_tokens", "accepted_tokens", "iterations",
+        for name in ("target_calls", "draft_calls", "prefill_calls", "drafted_tokens", "accepted_tokens", "iterations",
                      "prompt_tokens", "generated_tokens", "prefill_s", "draft_s", "verify_s", "wall_s"):
             setattr(out, name, sum(getattr(s, name) for s in many))
         width = max((len(s.accepted_per_position) for s in many), default=0)

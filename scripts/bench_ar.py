@@ -35,7 +35,7 @@ def main() -> None:
     from mtad_trt import Pipeline
 
     pipe = Pipeline.load(args.engines, backend="ort", threads=args.threads, load_draft=False)
-    eng = pipe.target.runner
+    eng = pipe.target
     inside: list[float] = []
     run = eng.session.run_with_iobinding
 

@@ -7,14 +7,17 @@ import math
 import numpy as np
 import pytest
 
-from mtad_trt.decoders import DECODER_FNS, drive
+from mtad_trt.batch import Batcher
+from mtad_trt.decoders import DecodeState
 from mtad_trt.decoders.draft import draft_tree
 from mtad_trt.decoders.mtad import accept_chain, accept_tree
 from mtad_trt.params import DecodeParams, SamplingParams
+from mtad_trt.request import Request
 from mtad_trt.rows import Row
 from mtad_trt.sampling import process
+from mtad_trt.scheduler import Scheduler
 from mtad_trt.stats import Stats
-from toy import BigramRunner, random_tables
+from toy import BigramRunner, ToyTokenizer, random_tables, run_toy
 
 V = 6
 PROMPT = [0, 3, 1]
@@ -22,13 +25,7 @@ FREE = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=1)
 
 
 def run(decoder, draft_tab, target_tab, sp, seed=None, **dp):
-    t, d = Row(BigramRunner(target_tab)), Row(BigramRunner(draft_tab))
-    sp = SamplingParams(**{**sp.__dict__, "seed": seed})
-    stats = Stats()
-    out = []
-    for chunk in drive(DECODER_FNS[decoder], t, d, PROMPT, sp, DecodeParams(decoder=decoder, **dp), stats, set()):
-        out += chunk
-    return out, stats
+    return run_toy(decoder, draft_tab, target_tab, SamplingParams(**{**sp.__dict__, "seed": seed}), PROMPT, **dp)
 
 
 def softmax(x):
@@ -133,19 +130,22 @@ def test_p7_mmtad_with_one_beam_equals_mtad():
 @pytest.mark.parametrize("decoder", ["sps", "mtad", "mmtad"])
 def test_p10_bookkeeping(decoder):
     dtab, ttab = random_tables(V, seed=17)
-    sp = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=10_000)
-    t, d = Row(BigramRunner(ttab)), Row(BigramRunner(dtab))
-    stats = Stats()
+    sp = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=10_000, seed=0)
     dp = DecodeParams(decoder=decoder, gamma=3, beam_width=2, threshold=0.4)
-    gen = DECODER_FNS[decoder](t, d, PROMPT, SamplingParams(**{**sp.__dict__, "seed": 0}), dp, stats, np.random.default_rng(0))
+    sched = Scheduler(BigramRunner(ttab), BigramRunner(dtab), ToyTokenizer(), set())
+    req = Request(list(PROMPT), sp, dp)
+    sched.add(req)
     emitted = 0
     for _ in range(200):
-        chunk = next(gen)
+        (update,) = sched.step()  # one iteration per step: one round of this request
+        chunk = update.piece.token_ids
         assert 1 <= len(chunk) <= dp.gamma + 1
         emitted += len(chunk)
-    assert emitted == stats.accepted_tokens + stats.iterations
-    assert stats.target_calls == stats.iterations
+    stats = req.stats
+    assert emitted == stats.accepted_tokens + stats.iterations == stats.generated_tokens
+    assert stats.target_calls == stats.iterations == 200
     assert stats.draft_calls == stats.iterations * dp.gamma
+    assert stats.prefill_calls == 2  # the prompt (but its last token) into each model, one chunk
     assert sum(stats.accepted_per_position) == stats.accepted_tokens
     assert all(a >= b for a, b in zip(stats.accepted_per_position, stats.accepted_per_position[1:], strict=False))
 
@@ -155,8 +155,7 @@ def test_p8_tree_accepts_at_least_the_chain():
     sp = SamplingParams(temperature=1.0, top_k=0, top_p=1.0)
     rng = np.random.default_rng(0)
     for _ in range(300):
-        d = Row(BigramRunner(dtab))
-        tree = draft_tree(d, PROMPT, 3, 4, sp, rng, Stats())
+        tree = draft_only(dtab, PROMPT, 3, 4, sp, rng)
         path = tree.path(3, tree.best)
         block = tree.tokens[np.arange(4), path]
         # target distributions along the chain and at every node (bigram: depends on the token only)
@@ -167,6 +166,20 @@ def test_p8_tree_accepts_at_least_the_chain():
         assert n_tree >= n_chain
         if n_tree:
             assert 0 <= j < 3
+
+
+def draft_only(dtab, prompt, width, gamma, sp, rng, keep_q=False):
+    """Run draft_tree alone on a bigram draft runner (one request, row 0): the tree it returns."""
+    runner = BigramRunner(dtab)
+    st = DecodeState(Row(BigramRunner(dtab)), Row(runner), list(prompt), sp, DecodeParams(), rng, Stats())
+    gen = draft_tree(st, list(prompt), width, gamma, keep_q=keep_q)
+    batcher = Batcher(runner, 1)
+    call = next(gen)
+    try:
+        while True:
+            call = gen.send(batcher.run([(st.row(call.role), call)])[0])
+    except StopIteration as done:
+        return done.value
 
 
 def reference_iteration(q_tab, p_tab, last, B, gamma, tau, u):

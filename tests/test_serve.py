@@ -417,25 +417,29 @@ def test_disconnect_cancels_and_frees_worker(server, http):
 
 
 class Gated:
-    """The real pipeline, but each generation waits for `gate`: makes queue states deterministic."""
+    """The real pipeline, but every target call waits for `gate` (so queue states are deterministic),
+    and the order in which requests take a row is recorded."""
 
-    def __init__(self, inner: Pipeline) -> None:
-        self.inner, self.gate, self.order = inner, threading.Event(), []
+    def __init__(self, pipe: Pipeline, monkeypatch) -> None:
+        self.gate, self.order = threading.Event(), []
+        sched, runner = pipe.scheduler, pipe.target
+        real_start, real_step = sched._start, runner.step
 
-    def __getattr__(self, name):
-        if name == "inner" or name.startswith("__"):
-            raise AttributeError(name)
-        return getattr(self.inner, name)
+        def start(req):
+            self.order.append(list(req.prompt_ids))
+            real_start(req)
 
-    def stream_request(self, req, stats=None):
-        self.order.append(list(req.prompt_ids))
-        assert self.gate.wait(30)
-        yield from self.inner.stream_request(req, stats)
+        def step(inputs):
+            assert self.gate.wait(30)
+            return real_step(inputs)
+
+        monkeypatch.setattr(sched, "_start", start)
+        monkeypatch.setattr(runner, "step", step)
 
 
-def test_queue_full_429_and_fifo_order(server_pipeline):
-    gated = Gated(server_pipeline)
-    app = create_app(gated, ServerSettings(model_name=MODEL, max_queue=3, retry_after_s=2))
+def test_queue_full_429_and_fifo_order(server_pipeline, monkeypatch):
+    gated = Gated(server_pipeline, monkeypatch)
+    app = create_app(server_pipeline, ServerSettings(model_name=MODEL, max_queue=3, retry_after_s=2))
     with ServerThread(app) as url, httpx.Client(base_url=url, trust_env=False, timeout=30) as c, \
             ThreadPoolExecutor(4) as pool:
         prompts = [[10 + i, 20, 30] for i in range(4)]
@@ -452,9 +456,9 @@ def test_queue_full_429_and_fifo_order(server_pipeline):
         assert c.post("/v1/completions", json=_body(max_tokens=3)).status_code == 200
 
 
-def test_waiting_client_that_disconnects_leaves_the_queue(server_pipeline):
-    gated = Gated(server_pipeline)
-    app = create_app(gated, ServerSettings(model_name=MODEL, max_queue=4))
+def test_waiting_client_that_disconnects_leaves_the_queue(server_pipeline, monkeypatch):
+    gated = Gated(server_pipeline, monkeypatch)
+    app = create_app(server_pipeline, ServerSettings(model_name=MODEL, max_queue=4))
     with ServerThread(app) as url, httpx.Client(base_url=url, trust_env=False, timeout=30) as c, \
             ThreadPoolExecutor(1) as pool:
         running = pool.submit(c.post, "/v1/completions", json=_body(prompt=[7, 8], max_tokens=3))

@@ -35,13 +35,13 @@ class BigramRunner:
 
     def step(self, inputs) -> np.ndarray:
         self.calls += 1
-        ids = inputs.input_ids[0]
+        ids = inputs.input_ids  # [R, T]
         # Contract sanity: every query row sees itself (else softmax of an all-masked row is NaN).
-        t = len(ids)
+        t = ids.shape[1]
         s = inputs.attention_mask.shape[-1] - t
-        assert inputs.attention_mask[0, 0, np.arange(t), s + np.arange(t)].all()
+        assert inputs.attention_mask[:, 0, np.arange(t), s + np.arange(t)].all()
         self.last_shapes.append((t, inputs.logits_index.shape[1]))
-        return self.table[ids[inputs.logits_index[0]]][None]
+        return self.table[np.take_along_axis(ids, inputs.logits_index, 1)]  # [R, K, V]
 
     def keep(self, row, src, dst) -> None:
         pass
@@ -51,6 +51,31 @@ class BigramRunner:
 
     def close(self) -> None:
         pass
+
+
+class ToyTokenizer:
+    """Token ids as text ("3 1 4 "), so stop strings and streaming work on toy runners."""
+
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        return "".join(f"{i} " for i in ids)
+
+
+def run_toy(decoder: str, draft_table, target_table, sp, prompt, max_batch: int = 1, **dp):
+    """One request through the real scheduler on bigram runners: (tokens, stats)."""
+    from mtad_trt.params import DecodeParams
+    from mtad_trt.request import Request
+    from mtad_trt.scheduler import Scheduler
+
+    sched = Scheduler(BigramRunner(target_table), BigramRunner(draft_table), ToyTokenizer(), set(), max_batch)
+    req = Request(list(prompt), sp, DecodeParams(decoder=decoder, **dp))
+    sched.add(req)
+    while not req.finished:
+        sched.step()
+    if req.error is not None:
+        raise req.error
+    return req.output_ids, req.stats
 
 
 def random_tables(v: int = 6, seed: int = 0, sharp: float = 1.5) -> tuple[np.ndarray, np.ndarray]:

@@ -11,7 +11,7 @@ import importlib.util
 import logging
 from pathlib import Path
 
-from mtad_trt.errors import BackendUnavailable
+from mtad_trt.errors import BackendUnavailable, CapacityError
 from mtad_trt.manifest import Manifest
 from mtad_trt.runner import ModelRunner
 
@@ -64,7 +64,9 @@ def load_runner(
     backend: str,
     device: str,
     threads: int = 1,
+    batch: int = 1,
 ) -> ModelRunner:
+    """A runner for `role` whose KV cache has `batch` rows (requests that run at once)."""
     entry = manifest.role(role)
     folder = Path(folder)
     if backend == "ort":
@@ -72,13 +74,62 @@ def load_runner(
 
         if entry.quantization.get("scheme", "none") != "none" and device == "cuda":
             raise BackendUnavailable("quantized graphs use ONNX Runtime CPU operators; run them with --device cpu")
-        return OrtRunner(folder / entry.onnx, entry.spec, threads=threads)
+        return OrtRunner(folder / entry.onnx, entry.spec, threads=threads, batch=batch)
     if backend == "torch":
         from mtad_trt.backends.torch_backend import TorchRunner
 
-        return TorchRunner.from_folder(folder, manifest, role, device=device, threads=threads)
+        return TorchRunner.from_folder(folder, manifest, role, device=device, threads=threads, batch=batch)
     if backend == "trt":
         from mtad_trt.backends.trt import TrtRunner
 
-        return TrtRunner.from_folder(folder, manifest, role)
+        return TrtRunner.from_folder(folder, manifest, role, batch=batch)
     raise BackendUnavailable(f"unknown backend '{backend}'")
+
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def kv_cache_bytes(spec, rows: int) -> int:
+    """Bytes of one model's static KV cache with `rows` batch rows at full capacity."""
+    return 2 * spec.num_layers * rows * spec.num_kv_heads * spec.max_seq_len * spec.head_dim * DTYPE_BYTES[spec.dtype]
+
+
+def available_bytes(device: str) -> int | None:
+    """Memory a new allocation can still get: MemAvailable on the host, free memory on the GPU."""
+    if device == "cuda":
+        import torch
+
+        return int(torch.cuda.mem_get_info()[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(manifest: Manifest, roles: list[str], rows: int, device: str, folder: Path | None = None) -> int:
+    """Refuse at load, naming the sizes, a KV cache (+ graph weights) that cannot fit in memory.
+
+    Host caches are zeroed with calloc, whose pages are only committed when first written: without
+    this check an oversized --max-batch would load fine and be OOM-killed mid-request.
+    Returns the KV-cache bytes.
+    """
+    kv = {role: kv_cache_bytes(manifest.role(role).spec, rows) for role in roles}
+    weights = 0
+    if folder is not None:
+        for role in roles:
+            onnx = (Path(folder) / manifest.role(role).onnx).parent
+            weights += sum(p.stat().st_size for p in onnx.glob("model.onnx*") if p.is_file())
+    need = sum(kv.values()) + weights
+    have = available_bytes(device)
+    if have is not None and need > have:
+        parts = " + ".join(f"{role} {b / 2**30:.2f} GiB" for role, b in kv.items())
+        raise CapacityError(
+            f"a KV cache for {rows} rows needs {sum(kv.values()) / 2**30:.2f} GiB ({parts}) and the graphs "
+            f"{weights / 2**30:.2f} GiB, but only {have / 2**30:.2f} GiB of {'GPU' if device == 'cuda' else 'host'} "
+            "memory is available: lower --max-batch (or export with a smaller --max-seq-len)"
+        )
+    return sum(kv.values())

@@ -72,7 +72,8 @@ class OrtRunner(SlotCacheRunner):
         held = [np.ascontiguousarray(a) for a in inputs.arrays()]
         for name, arr in zip(self.spec.step_names, held, strict=True):
             bind.bind_input(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
-        for (in_name, out_name), cache, new in zip(self.spec.kv_names, self.cache.views, new_kv, strict=True):
+        for (in_name, out_name), view, new in zip(self.spec.kv_names, self.cache.views, new_kv, strict=True):
+            cache = view[:b]  # the first b rows: a contiguous prefix
             bind.bind_input(in_name, "cpu", 0, cache.dtype, cache.shape, cache.ctypes.data)
             bind.bind_output(out_name, "cpu", 0, new.dtype, new.shape, new.ctypes.data)
         bind.bind_output(LOGITS, "cpu", 0, np.float32, logits.shape, logits.ctypes.data)

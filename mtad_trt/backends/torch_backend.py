@@ -89,7 +89,7 @@ class TorchRunner(SlotCacheRunner):
         sliding = self.spec.has_sliding_layers
         bufs = self.runner.buffers(key, lambda: StaticInputs.alloc(key, self.device, sliding))
         bufs.load(inputs)
-        views = self.cache.views
+        views = [v[: key[0]] for v in self.cache.views]  # the first B rows: a contiguous prefix
 
         def forward() -> tuple[torch.Tensor, ...]:
             return self.wrapper(*bufs.tensors(), *views)

@@ -177,7 +177,7 @@ class TrtRunner(SlotCacheRunner):
                 raise MtadError(f"TensorRT refused to switch to optimization profile {phase}")
             self._active_profile = profile
         inputs = list(zip(self.spec.step_names, bufs.inputs.tensors(), strict=True))
-        inputs += [(name, view) for (name, _), view in zip(self.spec.kv_names, self.cache.views, strict=True)]
+        inputs += [(name, view[: key[0]]) for (name, _), view in zip(self.spec.kv_names, self.cache.views, strict=True)]
         for name, tensor in inputs:
             if not ctx.set_input_shape(name, tuple(tensor.shape)):
                 lo, _, hi = self._profile_shapes[phase][name]

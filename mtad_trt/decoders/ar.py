@@ -2,35 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import numpy as np
-
-from mtad_trt.params import DecodeParams, SamplingParams
-from mtad_trt.rows import Row
+from mtad_trt.decoders.base import Call, Decoder, DecodeState, prefill
 from mtad_trt.sampling import process, sample
-from mtad_trt.stats import Stats, Timer
 
 
-def decode_ar(
-    target: Row,
-    draft: Row | None,
-    prompt: list[int],
-    sp: SamplingParams,
-    dp: DecodeParams,
-    stats: Stats,
-    rng: np.random.Generator,
-) -> Iterator[list[int]]:
-    stats.decoder = "ar"
-    target.reset()
-    with Timer(stats, "prefill_s"):
-        logits = target.forward(prompt)  # logits only at the last prompt position
-        target.commit_chain(len(prompt))
-    stats.target_calls += 1
+def decode_ar(st: DecodeState) -> Decoder:
+    st.stats.decoder = "ar"
+    yield from prefill(st, ["target"], st.prompt[:-1])
+    pending = [st.prompt[-1]]
     while True:
-        tok = sample(process(logits[0], sp), rng)
-        yield [tok]
-        with Timer(stats, "verify_s"):
-            logits = target.forward([tok])
-            target.commit_chain(1)
-        stats.target_calls += 1
+        pending = [(yield from target_step(st, pending))]
+        yield None  # iteration boundary
+
+
+def target_step(st: DecodeState, pending: list[int]) -> Decoder:
+    """One plain step: feed the pending tokens, commit them, sample one token from the target and
+    emit it (returns it). Also what a speculative decoder does while its policy says γ=0."""
+    logits = yield Call("target", pending)
+    st.target.commit_chain(len(pending))
+    tok = sample(process(logits[-1], st.sampling), st.rng)
+    st.emitted.append(tok)
+    return tok

@@ -1,16 +1,18 @@
-"""What every decoder shares: statistics, and the driver that turns a decoder into output.
+"""What every decoder shares: the call a decoder asks for, and the state it decodes in.
 
-A decoder is a generator over engine sequences that yields the tokens each iteration emits (one
-for `ar`, n+1 for the speculative ones). It never decides when to stop: the driver scans every
-emitted token for EOS / stop ids, truncates at max_new_tokens, and closes the generator. That
-fixes the reference code's overshoot (spec/mtad.md §2.4) in one place for all decoders, and
-lets a caller (the server) cancel between iterations just by closing the iterator.
+A decoder is a generator per request: it yields a `Call` (which tokens to feed to which model,
+with which parents, cache ancestors and logits rows), is sent back that call's logits [K, V],
+keeps the K/V rows it wants, and appends what it emits to `state.emitted`; it yields None at the
+end of each iteration (the boundary where requests join, leave, and the speculation policy may
+change γ and B). It never calls a model and never decides when to stop: the scheduler packs the calls of many requests into one model
+call per phase, and scans every emitted token for stop ids and max_new_tokens. That is what lets
+rows join and leave a running batch between iterations, and a caller cancel between them.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -18,47 +20,87 @@ from mtad_trt.params import DecodeParams, SamplingParams
 from mtad_trt.rows import Row
 from mtad_trt.stats import Stats
 
-DecoderFn = Callable[..., Iterator[list[int]]]
+
+@dataclass
+class Call:
+    """One request's part of one model call (engine-contract §3: every feed is a forest)."""
+
+    role: str  # "target" | "draft"
+    tokens: Sequence[int] | np.ndarray
+    parents: Sequence[int] | None = None  # within-block parents (-1: child of the committed prefix)
+    cache_ancestors: Sequence[Sequence[int]] | None = None  # extra visible scratch slots per root token
+    logits_rows: Sequence[int] | None = None  # default: the last token
+    slots: int = 0  # slots in use after this call's keep, when more than n + T (scratch slots)
+    prefill: bool = False  # a prompt chunk: packed with other prefills, never with decode/verify
+
+    @property
+    def rows(self) -> list[int]:
+        return [len(self.tokens) - 1] if self.logits_rows is None else list(self.logits_rows)
 
 
-def drive(
-    decoder: DecoderFn,
-    target: Row,
-    draft: Row | None,
-    prompt: list[int],
-    sp: SamplingParams,
-    dp: DecodeParams,
-    stats: Stats,
-    stop_ids: set[int],
-) -> Iterator[list[int]]:
-    """Run a decoder; yield emitted token chunks, cut at the first stop id and at max_new_tokens.
+@dataclass
+class DecodeState:
+    """What one request decodes with: its rows on each model, settings, RNG and statistics.
 
-    Stop ids are emitted (like an EOS in a chat transcript) but nothing after them.
+    `gamma` / `beam_width` are this iteration's shape; the speculation policy may move them between
+    iterations when the request did not fix them (0 = a plain target step, no speculation).
     """
-    rng = np.random.default_rng(sp.seed)
-    t0 = time.perf_counter()
-    stats.prompt_tokens = len(prompt)
-    stats.finish_reason = "cancelled"
-    gen = decoder(target, draft, list(prompt), sp, dp, stats, rng)
-    try:
-        for chunk in gen:
-            if stats.generated_tokens == 0:
-                stats.ttft_s = time.perf_counter() - t0
-            out = []
-            done = False
-            for tok in chunk:
-                out.append(int(tok))
-                if stats.generated_tokens + len(out) >= sp.max_new_tokens:
-                    stats.finish_reason, done = "length", True
-                if int(tok) in stop_ids:
-                    stats.finish_reason, done = "stop", True
-                if done:
-                    break
-            stats.generated_tokens += len(out)
-            stats.wall_s = time.perf_counter() - t0
-            yield out
-            if done:
-                return
-    finally:
-        gen.close()
-        stats.wall_s = time.perf_counter() - t0
+
+    target: Row
+    draft: Row | None
+    prompt: list[int]
+    sampling: SamplingParams
+    decode: DecodeParams
+    rng: np.random.Generator
+    stats: Stats
+    prefill_chunk: int = 256
+    gamma: int = field(init=False)
+    beam_width: int = field(init=False)
+    emitted: list[int] = field(default_factory=list)  # tokens emitted, not yet taken by the scheduler
+    last_accepted: int = 0  # drafted tokens the last round accepted (the speculation policy learns from it)
+
+    def __post_init__(self) -> None:
+        self.gamma = self.decode.gamma if self.decode.speculative else 0
+        self.beam_width = self.decode.beam_width
+
+    def row(self, role: str) -> Row:
+        row = self.target if role == "target" else self.draft
+        assert row is not None, f"no {role} row"
+        return row
+
+
+Decoder = Generator[Call | None, np.ndarray | None, None]
+DecoderFn = Callable[[DecodeState], Decoder]
+
+
+def prefill(state: DecodeState, roles: Sequence[str], tokens: Sequence[int]) -> Decoder:
+    """Feed `tokens` to each role as committed text, in chunks of `prefill_chunk` (prefill calls).
+
+    Chunks alternate between the roles, so both caches advance together and a long prompt costs
+    running rows one bounded chunk per scheduler step, not one long stall.
+    """
+    c = max(1, state.prefill_chunk)
+    for start in range(0, len(tokens), c):
+        chunk = list(tokens[start : start + c])
+        for role in roles:
+            yield Call(role, chunk, prefill=True)
+            state.row(role).commit_chain(len(chunk))
+
+
+def catch_up(state: DecodeState, pending: list[int], limit: int = 8) -> Decoder:
+    """Commit all but the last of many pending draft tokens as prefill chunks (after plain steps
+    while speculation was off), so the next draft call stays decode-sized."""
+    if len(pending) > limit:
+        yield from prefill(state, ["draft"], pending[:-1])
+        del pending[:-1]
+
+
+def count_accepted(state: DecodeState, n: int) -> None:
+    state.last_accepted = n
+    stats = state.stats
+    stats.iterations += 1
+    stats.accepted_tokens += n
+    if len(stats.accepted_per_position) < n:
+        stats.accepted_per_position += [0] * (n - len(stats.accepted_per_position))
+    for i in range(n):
+        stats.accepted_per_position[i] += 1

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mtad_trt.decoders.base import Call, Decoder, DecodeState, catch_up
 from mtad_trt.params import SamplingParams
 from mtad_trt.rows import Row
 from mtad_trt.sampling import log, process, sample_many
-from mtad_trt.stats import Stats, Timer
 
 
 @dataclass
@@ -48,17 +48,10 @@ class DraftTree:
         return self.base + d * self.width + j
 
 
-def draft_tree(
-    draft: Row,
-    pending: list[int],
-    width: int,
-    gamma: int,
-    sp: SamplingParams,
-    rng: np.random.Generator,
-    stats: Stats,
-    keep_q: bool = False,
-) -> DraftTree:
-    """Feed the draft's pending tokens, then grow a B-wide beam tree γ levels deep."""
+def draft_tree(st: DecodeState, pending: list[int], width: int, gamma: int, keep_q: bool = False) -> Decoder:
+    """Feed the draft's pending tokens, then grow a B-wide beam tree γ levels deep (returns it)."""
+    sp, rng, draft = st.sampling, st.rng, st.row("draft")
+    yield from catch_up(st, pending)
     greedy = sp.temperature == 0
     score_params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0) if greedy else sp
     tokens = np.zeros((gamma, width), np.int64)
@@ -66,45 +59,41 @@ def draft_tree(
     score = np.zeros((gamma, width))
     qs = [] if keep_q else None
 
-    with Timer(stats, "draft_s"):
-        logits = draft.forward(pending)[0]
-        draft.commit_chain(len(pending))
-        stats.draft_calls += 1
-        base = draft.n
-        r = process(logits, score_params)
-        if keep_q:
-            qs.append(process(logits, sp) if greedy else r)
-        logr = log(r)
-        if greedy:
-            top = np.argsort(-logr, kind="stable")[:width]
-            tokens[0] = top
-            score[0] = logr[top]
-        else:
-            tokens[0] = sample_many(r, width, rng)
-            score[0] = logr[tokens[0]]
+    logits = (yield Call("draft", pending))[0]
+    draft.commit_chain(len(pending))
+    base = draft.n
+    r = process(logits, score_params)
+    if keep_q:
+        qs.append(process(logits, sp) if greedy else r)
+    logr = log(r)
+    if greedy:
+        top = np.argsort(-logr, kind="stable")[:width]
+        tokens[0] = top
+        score[0] = logr[top]
+    else:
+        tokens[0] = sample_many(r, width, rng)
+        score[0] = logr[tokens[0]]
 
-        for d in range(1, gamma):
-            # Feed depth d-1's nodes; each sees the committed prefix and its own ancestors' slots.
-            ancestors = [[base + e * width + a for e, a in enumerate(_ancestors(parent, d - 1, j))] for j in range(width)]
-            logits = draft.forward(
-                tokens[d - 1], cache_ancestors=ancestors, logits_rows=range(width), slots=base + d * width
-            )
-            draft.keep(np.arange(width), base + (d - 1) * width + np.arange(width))
-            stats.draft_calls += 1
-            r = process(logits, score_params)  # [B, V]
-            if keep_q:
-                qs.append(process(logits[0], sp) if greedy else r[0])
-            logr = log(r)
-            joint = score[d - 1][:, None] + logr  # S_j + log r_j[v]: log of w_j * r_j[v] up to a constant
-            if greedy:
-                flat = joint.ravel()
-                top = np.argpartition(-flat, width - 1)[:width] if flat.size > width else np.arange(flat.size)
-                top = top[np.argsort(-flat[top], kind="stable")]
-            else:
-                w = np.exp(joint - joint.max())
-                top = sample_many(w / w.sum(), width, rng)
-            parent[d], tokens[d] = np.divmod(top, r.shape[-1])
-            score[d] = joint.ravel()[top]
+    for d in range(1, gamma):
+        # Feed depth d-1's nodes; each sees the committed prefix and its own ancestors' slots.
+        ancestors = [[base + e * width + a for e, a in enumerate(_ancestors(parent, d - 1, j))] for j in range(width)]
+        logits = yield Call("draft", tokens[d - 1], cache_ancestors=ancestors, logits_rows=range(width),
+                            slots=base + d * width)
+        draft.keep(np.arange(width), base + (d - 1) * width + np.arange(width))
+        r = process(logits, score_params)  # [B, V]
+        if keep_q:
+            qs.append(process(logits[0], sp) if greedy else r[0])
+        logr = log(r)
+        joint = score[d - 1][:, None] + logr  # S_j + log r_j[v]: log of w_j * r_j[v] up to a constant
+        if greedy:
+            flat = joint.ravel()
+            top = np.argpartition(-flat, width - 1)[:width] if flat.size > width else np.arange(flat.size)
+            top = top[np.argsort(-flat[top], kind="stable")]
+        else:
+            w = np.exp(joint - joint.max())
+            top = sample_many(w / w.sum(), width, rng)
+        parent[d], tokens[d] = np.divmod(top, r.shape[-1])
+        score[d] = joint.ravel()[top]
 
     best = int(np.argmax(score[-1]))
     return DraftTree(tokens, parent, score, best, base, np.stack(qs) if keep_q else None)

@@ -12,15 +12,13 @@ Target KV rollback is free: only the rows of the kept tokens are written to cach
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
 
+from mtad_trt.decoders.ar import target_step
+from mtad_trt.decoders.base import Call, Decoder, DecodeState, count_accepted, prefill
 from mtad_trt.decoders.draft import DraftTree, compact, draft_tree
-from mtad_trt.params import DecodeParams, SamplingParams
-from mtad_trt.rows import Row
 from mtad_trt.sampling import log, process, sample
-from mtad_trt.stats import Stats, Timer
 
 
 def accept_chain(p: np.ndarray, block: np.ndarray, q_joint: np.ndarray, log_tau: float) -> int:
@@ -64,63 +62,54 @@ def accept_tree(
     return d + 1, int(np.argmax(cand))
 
 
-def decode_mtad(
-    target: Row,
-    draft: Row,
-    prompt: list[int],
-    sp: SamplingParams,
-    dp: DecodeParams,
-    stats: Stats,
-    rng: np.random.Generator,
-) -> Iterator[list[int]]:
+def decode_mtad(st: DecodeState) -> Decoder:
+    """MTAD (chain verify of the best beam) or MMTAD (tree verify of every node): st.decode.decoder."""
+    sp, dp, stats = st.sampling, st.decode, st.stats
     tree_verify = dp.decoder == "mmtad"
-    g, b = dp.gamma, dp.beam_width
-    stats.decoder, stats.gamma, stats.beam_width = dp.decoder, g, b
-    stats.accepted_per_position = [0] * g
+    stats.decoder = dp.decoder
     log_tau = math.log(dp.threshold)
-    target.reset()
-    draft.reset()
-    pend_t, pend_d = list(prompt), list(prompt)  # committed tokens not yet in each cache
-    first = True
+    yield from prefill(st, ["target", "draft"], st.prompt[:-1])
+    pend_t, pend_d = [st.prompt[-1]], [st.prompt[-1]]  # committed tokens not yet in each cache
     while True:
-        tree = draft_tree(draft, pend_d, b, g, sp, rng, stats)
-        with Timer(stats, "prefill_s" if first else "verify_s"):
-            P = len(pend_t)
-            if tree_verify:
-                nodes = tree.tokens.ravel()  # depth-major: node (d, j) at P + d*b + j
-                parents = list(range(-1, P - 1)) + [
-                    P - 1 if d == 0 else P + (d - 1) * b + int(tree.parent[d, j]) for d in range(g) for j in range(b)
-                ]
-                logits = target.forward(
-                    np.concatenate([pend_t, nodes]), parents=parents, logits_rows=[P - 1, *range(P, P + g * b)]
-                )
-                probs = process(logits, sp)
-                n, jhat = accept_tree(probs[0], probs[1:].reshape(g, b, -1), tree, log_tau, dp.reference)
-                path = tree.path(n - 1, jhat) if n else []
-                block = [int(tree.tokens[d, path[d]]) for d in range(n)]
-                rows = [P + d * b + path[d] for d in range(n)]
-                y = sample(probs[1 + rows[-1] - P] if n else probs[0], rng)
-                target.keep(list(range(P)) + rows, range(target.n, target.n + P + n))
-                target.n += P + n
-                stats.drafted_tokens += g * b
-            else:
-                path = tree.path(g - 1, tree.best)
-                block = tree.tokens[np.arange(g), path]
-                q_joint = tree.score[np.arange(g), path]
-                logits = target.forward(np.concatenate([pend_t, block]), logits_rows=range(P - 1, P + g))
-                probs = process(logits, sp)
-                n = accept_chain(probs, block, q_joint, log_tau)
-                y = sample(probs[n], rng)
-                target.commit_chain(P + n)
-                block = [int(x) for x in block[:n]]
-                stats.drafted_tokens += g
-            stats.target_calls += 1
-        first = False
-        compact(draft, tree, path, n)
-        stats.iterations += 1
-        stats.accepted_tokens += n
-        for i in range(n):
-            stats.accepted_per_position[i] += 1
+        g, b = st.gamma, st.beam_width
+        if g == 0:  # the policy turned speculation off this iteration: one plain target step
+            y = yield from target_step(st, pend_t)
+            pend_t, pend_d = [y], pend_d + [y]
+            yield None  # iteration boundary
+            continue
+        stats.gamma, stats.beam_width = max(stats.gamma, g), max(stats.beam_width, b)
+        tree = yield from draft_tree(st, pend_d, b, g)
+        p = len(pend_t)
+        if tree_verify:
+            nodes = tree.tokens.ravel()  # depth-major: node (d, j) at p + d*b + j
+            parents = list(range(-1, p - 1)) + [
+                p - 1 if d == 0 else p + (d - 1) * b + int(tree.parent[d, j]) for d in range(g) for j in range(b)
+            ]
+            logits = yield Call("target", np.concatenate([pend_t, nodes]), parents=parents,
+                                logits_rows=[p - 1, *range(p, p + g * b)])
+            probs = process(logits, sp)
+            n, jhat = accept_tree(probs[0], probs[1:].reshape(g, b, -1), tree, log_tau, dp.reference)
+            path = tree.path(n - 1, jhat) if n else []
+            block = [int(tree.tokens[d, path[d]]) for d in range(n)]
+            rows = [p + d * b + path[d] for d in range(n)]
+            y = sample(probs[1 + rows[-1] - p] if n else probs[0], st.rng)
+            st.target.keep(list(range(p)) + rows, range(st.target.n, st.target.n + p + n))
+            st.target.n += p + n
+            stats.drafted_tokens += g * b
+        else:
+            path = tree.path(g - 1, tree.best)
+            chain = tree.tokens[np.arange(g), path]
+            q_joint = tree.score[np.arange(g), path]
+            logits = yield Call("target", np.concatenate([pend_t, chain]), logits_rows=range(p - 1, p + g))
+            probs = process(logits, sp)
+            n = accept_chain(probs, chain, q_joint, log_tau)
+            y = sample(probs[n], st.rng)
+            st.target.commit_chain(p + n)
+            block = [int(x) for x in chain[:n]]
+            stats.drafted_tokens += g
+        compact(st.row("draft"), tree, path, n)
+        count_accepted(st, n)
         pend_t = [y]
         pend_d = ([block[-1]] if n == g else []) + [y]  # depth-γ nodes were never fed to the draft
-        yield block + [y]
+        st.emitted += block + [y]
+        yield None  # iteration boundary: the policy may change γ and B before the next round

@@ -8,15 +8,12 @@ distribution exactly. This is the "conventional speculative decoding" the MTAD p
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 
+from mtad_trt.decoders.ar import target_step
+from mtad_trt.decoders.base import Call, Decoder, DecodeState, count_accepted, prefill
 from mtad_trt.decoders.draft import compact, draft_tree
-from mtad_trt.params import DecodeParams, SamplingParams
-from mtad_trt.rows import Row
 from mtad_trt.sampling import process, sample
-from mtad_trt.stats import Stats, Timer
 
 
 def accept_sps(p: np.ndarray, q: np.ndarray, block: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
@@ -32,38 +29,28 @@ def accept_sps(p: np.ndarray, q: np.ndarray, block: np.ndarray, rng: np.random.G
     return len(block), sample(p[len(block)], rng)
 
 
-def decode_sps(
-    target: Row,
-    draft: Row,
-    prompt: list[int],
-    sp: SamplingParams,
-    dp: DecodeParams,
-    stats: Stats,
-    rng: np.random.Generator,
-) -> Iterator[list[int]]:
-    g = dp.gamma
-    stats.decoder, stats.gamma, stats.beam_width = "sps", g, 1
-    stats.accepted_per_position = [0] * g
-    target.reset()
-    draft.reset()
-    pend_t, pend_d = list(prompt), list(prompt)
-    first = True
+def decode_sps(st: DecodeState) -> Decoder:
+    st.stats.decoder, st.stats.beam_width = "sps", 1
+    yield from prefill(st, ["target", "draft"], st.prompt[:-1])
+    pend_t, pend_d = [st.prompt[-1]], [st.prompt[-1]]  # committed tokens not yet in each cache
     while True:
-        tree = draft_tree(draft, pend_d, 1, g, sp, rng, stats, keep_q=True)
+        g = st.gamma
+        if g == 0:  # the policy turned speculation off this iteration: one plain target step
+            y = yield from target_step(st, pend_t)
+            pend_t, pend_d = [y], pend_d + [y]
+            yield None  # iteration boundary
+            continue
+        st.stats.gamma = max(st.stats.gamma, g)
+        tree = yield from draft_tree(st, pend_d, 1, g, keep_q=True)
         block = tree.tokens[:, 0]
-        with Timer(stats, "prefill_s" if first else "verify_s"):
-            P = len(pend_t)
-            logits = target.forward(np.concatenate([pend_t, block]), logits_rows=range(P - 1, P + g))
-            n, y = accept_sps(process(logits, sp), tree.q, block, rng)
-            target.commit_chain(P + n)
-        stats.target_calls += 1
-        stats.drafted_tokens += g
-        first = False
-        compact(draft, tree, [0] * g, n)
-        stats.iterations += 1
-        stats.accepted_tokens += n
-        for i in range(n):
-            stats.accepted_per_position[i] += 1
+        p = len(pend_t)
+        logits = yield Call("target", np.concatenate([pend_t, block]), logits_rows=range(p - 1, p + g))
+        n, y = accept_sps(process(logits, st.sampling), tree.q, block, st.rng)
+        st.target.commit_chain(p + n)
+        st.stats.drafted_tokens += g
+        compact(st.row("draft"), tree, [0] * g, n)
+        count_accepted(st, n)
         pend_t = [y]
         pend_d = ([int(block[-1])] if n == g else []) + [y]
-        yield [int(x) for x in block[:n]] + [y]
+        st.emitted += [int(x) for x in block[:n]] + [y]
+        yield None  # iteration boundary: the policy may change γ before the next round

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mtad_trt.errors import Busy, CapacityError, MtadError, ShuttingDown
+from mtad_trt.errors import Busy, CapacityError, MtadError, ShuttingDown, StepFailed
 from mtad_trt.serve.protocol import EXTRA_FIELDS
 
 log = logging.getLogger("mtad_trt.serve")
@@ -45,6 +45,8 @@ def as_api_error(exc: BaseException, retry_after_s: int = 1) -> ApiError:
         return ApiError(429, str(exc), "rate_limit_error", code="queue_full", headers={"Retry-After": str(retry_after_s)})
     if isinstance(exc, ShuttingDown):
         return shutting_down()
+    if isinstance(exc, StepFailed):  # the runtime's fault, not the request's: 500, and the server goes on
+        return ApiError(500, str(exc), "server_error", code="step_failed")
     if isinstance(exc, CapacityError):
         return ApiError(400, str(exc), param=exc.param, code="context_length_exceeded")
     if isinstance(exc, MtadError):

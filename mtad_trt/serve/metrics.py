@@ -47,6 +47,10 @@ class ServerMetrics:
                              lab, registry=r).labels(name)
         self.waiting_gauge = Gauge("mtad_trt:num_requests_waiting", "Requests queued for the runtime.",
                              lab, registry=r).labels(name)
+        self.batch_size = Histogram("mtad_trt:iteration_batch_size", "Requests running in one scheduler iteration.",
+                                    lab, buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r).labels(name)
+        self.iteration_time = hist("iteration_time_seconds",
+                                   "One scheduler iteration (prefill chunk + draft calls + verify) for the whole batch.")
         self.prompt_tokens = count("prompt_tokens", "Prompt tokens of started requests.")
         self.generation_tokens = count("generation_tokens", "Generated tokens.")
         self.num_drafts = count("spec_decode_num_drafts", "Speculative draft+verify rounds.")
@@ -81,8 +85,9 @@ class ServerMetrics:
         self.waiting_gauge.set(n)
 
     def started(self, handle: Handle) -> None:
-        self.queue_time.observe(handle.started - handle.arrived)
-        self.prompt_tokens.inc(len(handle.request.prompt_ids))
+        req = handle.request
+        self.queue_time.observe(req.started - req.arrived)
+        self.prompt_tokens.inc(len(req.prompt_ids))
         with self._lock:
             self._running += 1
             self.running.set(self._running)
@@ -90,7 +95,7 @@ class ServerMetrics:
     def tokens(self, handle: Handle, count: int, now: float) -> None:
         last = self._last.get(id(handle))
         if last is None:
-            self.ttft.observe(now - handle.arrived)
+            self.ttft.observe(now - handle.request.arrived)
         else:
             self.itl.observe(now - last)
         self._last[id(handle)] = now
@@ -100,7 +105,11 @@ class ServerMetrics:
         with self._lock:
             self._running -= 1
             self.running.set(self._running)
-        self.record(handle.stats, time.perf_counter() - handle.arrived)
+        self.record(handle.stats, time.perf_counter() - handle.request.arrived)
 
     def dropped(self, handle: Handle) -> None:
         self._success.labels(self._name, "cancelled").inc()
+
+    def iteration(self, rows: int, seconds: float) -> None:
+        self.batch_size.observe(rows)
+        self.iteration_time.observe(seconds)

@@ -252,7 +252,7 @@ def usage(job: Job) -> dict[str, int]:
 
 
 def mtad_stats(job: Job) -> dict[str, Any]:
-    return {**job.handle.stats.to_dict(), "queue_s": job.handle.queue_s}
+    return {**job.handle.stats.to_dict(), "queue_s": job.handle.request.queue_s}
 
 
 def finish_reason(job: Job) -> str:
