@@ -260,13 +260,18 @@ def generate(engines, backend, device, threads, decoder, gamma, beam_width, thre
 @click.option("--port", default=8000, show_default=True)
 @click.option("--api-key", envvar="MTAD_TRT_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/* (or set MTAD_TRT_API_KEY).")
 @with_options(speculation_options("Default (requests may override): "))
-@click.option("--max-queue", default=64, show_default=True, help="Requests that may wait for the runtime; more get 429.")
+@click.option("--max-batch", default=1, show_default=True, help="Requests that run at once (batch rows of the KV caches).")
+@click.option("--prefill-chunk", default=None, type=int,
+              help="Prompt tokens per scheduler iteration (bounds how long newcomers stall running requests).")
+@click.option("--spec-policy", type=click.Choice(["auto", "fixed"]), default="auto", show_default=True,
+              help="auto: pick γ/B per iteration from measured step costs for requests that did not set them.")
+@click.option("--max-queue", default=64, show_default=True, help="Requests that may wait for a row; more get 429.")
 @click.option("--model-name", help="Model id clients send (default: the engine folder's name).")
 @click.option("--max-body-bytes", default=1 << 20, show_default=True, help="Larger request bodies get 413.")
 @click.option("--drain-timeout", default=30.0, show_default=True, help="On SIGTERM: seconds accepted requests may still run.")
 @friendly
 def serve(engines, backend, device, threads, host, port, api_key, decoder, gamma, beam_width, threshold,
-          max_queue, model_name, max_body_bytes, drain_timeout) -> None:
+          max_batch, prefill_chunk, spec_policy, max_queue, model_name, max_body_bytes, drain_timeout) -> None:
     """Serve an engine folder over an OpenAI-compatible HTTP API (see docs/serve.md)."""
     try:
         from mtad_trt.serve import ServerSettings
@@ -276,7 +281,8 @@ def serve(engines, backend, device, threads, host, port, api_key, decoder, gamma
     settings = ServerSettings(model_name=model_name, api_key=api_key, max_queue=max_queue,
                               max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout,
                               defaults=dict(decoder=decoder, gamma=gamma, beam_width=beam_width, threshold=threshold))
-    run_server(engines, settings, host=host, port=port, backend=backend, device=device, threads=threads)
+    run_server(engines, settings, host=host, port=port, backend=backend, device=device, threads=threads,
+               max_batch=max_batch, prefill_chunk=prefill_chunk, spec_policy=spec_policy)
 
 
 # -- bench ----------------------------------------------------------------------------------------
@@ -291,6 +297,10 @@ def serve(engines, backend, device, threads, host, port, api_key, decoder, gamma
 @click.option("--top-p", default=DEFAULTS["top_p"], show_default=True)
 @with_options(speculation_options()[1:])
 @click.option("--seed", default=0, show_default=True, help="Prompt i uses seed+i, the same for every decoder.")
+@click.option("--concurrency", default=1, show_default=True,
+              help="Requests at once per decoder (continuous batching; the rest join as rows free up).")
+@click.option("--spec-policy", type=click.Choice(["auto", "fixed"]), default="fixed", show_default=True,
+              help="auto: γ/B per iteration from measured step costs (only for settings not given here).")
 @click.option("--energy", "energy_kind", default="auto", show_default=True,
               help="auto | nvml | jetson | tegrastats | rapl | none")
 @click.option("--peers", default="", help="Comma-separated peers run on the same prompts: hf, hf-ar.")
@@ -299,7 +309,7 @@ def serve(engines, backend, device, threads, host, port, api_key, decoder, gamma
               help="Score perplexity with this engine folder's target (e.g. the float32 export of an int4 pair).")
 @friendly
 def bench(engines, backend, device, threads, decoders, prompt_set, n, max_new_tokens, temperature, top_k, top_p,
-          gamma, beam_width, threshold, seed, energy_kind, peers, out, score_engines) -> None:
+          gamma, beam_width, threshold, seed, concurrency, spec_policy, energy_kind, peers, out, score_engines) -> None:
     """Speed, acceptance, perplexity, pass@1 and energy per token for each decoder."""
     from rich.progress import Progress
 
@@ -310,7 +320,8 @@ def bench(engines, backend, device, threads, decoders, prompt_set, n, max_new_to
                       n=n, max_new_tokens=max_new_tokens, backend=backend, device=device, threads=threads,
                       seed=seed, temperature=temperature, top_k=top_k, top_p=top_p, gamma=gamma,
                       beam_width=beam_width, threshold=threshold, energy=energy_kind,
-                      peers=tuple(p for p in peers.split(",") if p), out=str(out),
+                      peers=tuple(p for p in peers.split(",") if p), out=str(out), concurrency=concurrency,
+                      spec_policy=spec_policy,
                       score_engines=str(score_engines) if score_engines else None)
     with Progress(transient=True) as bar:
         tasks: dict[str, int] = {}

@@ -94,8 +94,9 @@ class RuntimeClient:
     def encoder(self) -> Encoder:
         return self.pipeline.encoder()
 
-    def prepare(self, prompt_ids: list[int], default_max_new_tokens: int | None = None, **settings) -> Request:
-        return self.pipeline.prepare(prompt_ids, default_max_new_tokens, **settings)
+    def prepare(self, prompt_ids: list[int], default_max_new_tokens: int | None = None,
+                defaults: dict | None = None, **settings) -> Request:
+        return self.pipeline.prepare(prompt_ids, default_max_new_tokens, defaults, **settings)
 
     def submit(self, request: Request, sink: Sink, streaming: bool = True) -> Handle:
         """Queue a prepared request; raises Busy (queue full) or ShuttingDown."""

@@ -184,13 +184,17 @@ class Pipeline:
         return self._encoder.encode_chat(messages)
 
     # -- requests ------------------------------------------------------------------------------
-    def prepare(self, prompt_ids: list[int], default_max_new_tokens: int | None = None, **settings) -> Request:
+    def prepare(self, prompt_ids: list[int], default_max_new_tokens: int | None = None,
+                defaults: dict | None = None, **settings) -> Request:
         """Validate settings and refuse up front what cannot run or fit (messages name the limit).
 
         Without `max_new_tokens` in `settings`, the request gets what fits the capacity, capped
-        at `default_max_new_tokens` when given (OpenAI's completions default is 16). The settings
-        given here are the request's fixed ones: a speculation policy may move only the others.
+        at `default_max_new_tokens` when given (OpenAI's completions default is 16). `settings`
+        are the request's own, and fixed: a speculation policy may move only what the request left
+        unset (`defaults`, e.g. a server's --gamma, fill in the rest without fixing it).
         """
+        fixed = frozenset(settings)
+        settings = {**(defaults or {}), **settings}
         if not prompt_ids:
             raise MtadError("the prompt is empty", param="prompt")
         vocab = self.info().vocab_size
@@ -210,7 +214,7 @@ class Pipeline:
                 f"exceeds the engine capacity of {self.capacity} tokens"
                 + (f"; at most {room} new tokens fit" if room > 0 else "")
             )
-        return Request(list(prompt_ids), sp, dp, fixed=frozenset(settings))
+        return Request(list(prompt_ids), sp, dp, fixed=fixed)
 
     def run(self, requests: list[Request]) -> Iterator[Update]:
         """Run prepared requests to the end as one batch, yielding each step's updates.

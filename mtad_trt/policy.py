@@ -140,8 +140,10 @@ def probe_shapes(max_batch: int, widest: int) -> list[tuple[int, int]]:
 class SpeculationPolicy:
     """The `auto` policy: called by the scheduler at every iteration boundary."""
 
-    def __init__(self, costs: CostModel, max_gamma: int = 8, margin: float = 1.05, warmup_rounds: int = 8) -> None:
+    def __init__(self, costs: CostModel, max_gamma: int = 8, margin: float = 1.05, warmup_rounds: int = 8,
+                 learn_costs: bool = True) -> None:
         self.costs, self.max_gamma, self.margin, self.warmup_rounds = costs, max_gamma, margin, warmup_rounds
+        self.learn_costs = learn_costs  # refine costs from observed calls (off: the table is taken as given)
         self.acceptance: dict[tuple[str, int], Acceptance] = defaultdict(Acceptance)
         self.choice: tuple[int, int] | None = None  # (γ, B) of the flexible rows, last iteration
         self._seen: dict[str, int] = {}  # request id -> iterations already counted
@@ -150,7 +152,7 @@ class SpeculationPolicy:
     # -- what happened ---------------------------------------------------------------------------
     def _learn(self, running: list[Request], scheduler: Scheduler) -> None:
         for role, phase, rows, t, seconds in scheduler.last.calls or []:
-            if phase != "prefill":
+            if phase != "prefill" and self.learn_costs:
                 self.costs.observe(role, rows, t, seconds)
         for req in running:
             st = req.state

@@ -121,7 +121,6 @@ class Scheduler:
                                 req.stats, self.prefill_chunk)
         req.stats.prompt_tokens = len(req.prompt_ids)
         req.stats.finish_reason = "cancelled"
-        req.stats.gamma = req.state.gamma
         req.stats.accepted_per_position = [0] * req.state.gamma
         req.detok = Detokenizer(self.tokenizer, req.sampling.stop)
         req.gen = DECODER_FNS[req.decode.decoder](req.state)

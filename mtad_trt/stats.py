@@ -13,14 +13,16 @@ from dataclasses import asdict, dataclass, field, fields
 @dataclass
 class Stats:
     decoder: str = "ar"
-    gamma: int = 0
-    beam_width: int = 0
+    gamma: int = 0  # the largest γ a round used (a speculation policy may vary it)
+    beam_width: int = 0  # the largest B a round used
     target_calls: int = 0  # verify calls (plain steps for ar); prompt chunks are prefill_calls
     draft_calls: int = 0  # draft calls of the rounds (depth 0..γ-1)
     prefill_calls: int = 0  # prompt chunks fed to either model (and draft catch-up after plain steps)
     drafted_tokens: int = 0  # tokens put before the target for verification (B*γ for mmtad)
     accepted_tokens: int = 0
     iterations: int = 0  # draft+verify rounds
+    draft_positions: int = 0  # Σ γ over the rounds (= iterations * γ when γ is fixed)
+    plain_steps: int = 0  # target-only steps a speculative decoder took while the policy had γ = 0
     accepted_per_position: list[int] = field(default_factory=list)  # rounds that accepted >= i+1 tokens
     prompt_tokens: int = 0
     generated_tokens: int = 0
@@ -37,6 +39,7 @@ class Stats:
         out = cls(decoder=many[0].decoder if many else "ar", gamma=many[0].gamma if many else 0,
                   beam_width=many[0].beam_width if many else 0)
         for name in ("target_calls", "draft_calls", "prefill_calls", "drafted_tokens", "accepted_tokens", "iterations",
+                     "draft_positions", "plain_steps",
                      "prompt_tokens", "generated_tokens", "prefill_s", "draft_s", "verify_s", "wall_s"):
             setattr(out, name, sum(getattr(s, name) for s in many))
         width = max((len(s.accepted_per_position) for s in many), default=0)
@@ -51,8 +54,9 @@ class Stats:
 
     @property
     def acceptance_rate(self) -> float:
-        """Accepted / (rounds * γ), the paper's definition (not divided by B*γ for MMTAD)."""
-        return self.accepted_tokens / (self.iterations * self.gamma) if self.iterations and self.gamma else 0.0
+        """Accepted / Σ_rounds γ: the paper's acc / (rounds * γ) when γ is fixed (not B*γ for MMTAD)."""
+        positions = self.draft_positions or self.iterations * self.gamma
+        return self.accepted_tokens / positions if positions else 0.0
 
     @property
     def tokens_per_target_call(self) -> float:

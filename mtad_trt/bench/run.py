@@ -49,6 +49,8 @@ class BenchConfig:
     threshold: float = DEFAULTS["threshold"]
     energy: str = "auto"
     warmup: int = 1
+    concurrency: int = 1  # requests at once (batch rows); the rest join as rows free up
+    spec_policy: str = "fixed"
     peers: tuple[str, ...] = ()
     out: str = "bench-out"
     score_engines: str | None = None  # score perplexity with this folder's target (e.g. float32 for int4 runs)
@@ -61,26 +63,36 @@ def _settings(cfg: BenchConfig, decoder: str, seed: int, stops: tuple[str, ...])
                 threshold=cfg.threshold, stop=stops)
 
 
-def run_request(pipe: Pipeline, ids: list[int], settings: dict) -> dict:
-    """One timed request: every emitted token gets the arrival time of its chunk."""
-    stats = Stats()
-    start = time.perf_counter()
-    times: list[float] = []
-    tokens: list[int] = []
-    text_parts: list[str] = []
-    for piece in pipe.stream(ids, stats=stats, **settings):
+def run_requests(pipe: Pipeline, jobs: list[tuple[list[int], dict]], progress=None) -> list[dict]:
+    """Timed requests, up to pipe.max_batch at once (the rest join as rows free up: a closed loop of
+    max_batch clients). Every emitted token gets the time its chunk arrived; TTFT counts from when
+    the request got its row."""
+    reqs = [pipe.prepare(ids, **settings) for ids, settings in jobs]
+    times: dict[int, list[float]] = {id(r): [] for r in reqs}
+    texts: dict[int, list[str]] = {id(r): [] for r in reqs}
+    done = 0
+    for update in pipe.run(reqs):
         now = time.perf_counter()
-        tokens += piece.token_ids
-        times += [now] * len(piece.token_ids)
-        text_parts.append(piece.text)
-    if not times:
-        times = [time.perf_counter()]
-    timing = metrics.RequestTiming.from_token_times(start, times)
-    return {"token_ids": tokens, "text": "".join(text_parts), "stats": stats.to_dict(), "timing": asdict(timing),
-            "tpot_s": timing.tpot_s}
+        req = update.request
+        if update.piece is not None:
+            times[id(req)] += [now] * len(update.piece.token_ids)
+            texts[id(req)].append(update.piece.text)
+        if update.finished:
+            if req.error is not None:
+                raise req.error
+            done += 1
+            if progress:
+                progress(done, len(reqs))
+    rows = []
+    for req in reqs:
+        t = times[id(req)] or [time.perf_counter()]
+        timing = metrics.RequestTiming.from_token_times(req.started, t)
+        rows.append({"token_ids": list(req.output_ids), "text": "".join(texts[id(req)]), "stats": req.stats.to_dict(),
+                     "timing": asdict(timing), "tpot_s": timing.tpot_s})
+    return rows
 
 
-def summarize(rows: list[dict], reading: energy.EnergyReading | None) -> dict:
+def summarize(rows: list[dict], reading: energy.EnergyReading | None, window_s: float | None = None) -> dict:
     total = Stats.total([Stats.from_dict(r["stats"]) for r in rows])
     gen = total.generated_tokens
     lat = metrics.summarize_latencies(metrics.RequestTiming(**r["timing"]) for r in rows)
@@ -88,7 +100,8 @@ def summarize(rows: list[dict], reading: energy.EnergyReading | None) -> dict:
     out = {
         "requests": len(rows),
         "generated_tokens": gen,
-        "tokens_per_s": total.tokens_per_s,
+        "tokens_per_s": total.tokens_per_s,  # per request: Σ tokens / Σ request wall times
+        "aggregate_tokens_per_s": gen / window_s if window_s else None,  # all requests: tokens / window
         "tokens_per_s_per_request": lat.output_tokens_per_s,
         "ttft_s": lat.ttft_s,
         "tpot_s": lat.tpot_s,
@@ -111,17 +124,18 @@ def summarize(rows: list[dict], reading: energy.EnergyReading | None) -> dict:
 
 def _generate_all(pipe, meter, cfg, decoder, items, encoded, stops, progress) -> dict:
     """All prompts through one decoder inside one timing/energy window (after warm-up)."""
-    for w in range(cfg.warmup):
-        run_request(pipe, encoded[w % len(encoded)], _settings(cfg, decoder, cfg.seed, stops) | {"max_new_tokens": 8})
-    rows = []
+    warm = [(encoded[w % len(encoded)], _settings(cfg, decoder, cfg.seed, stops) | {"max_new_tokens": 8})
+            for w in range(cfg.warmup)]
+    if warm:
+        run_requests(pipe, warm)
+    jobs = [(ids, _settings(cfg, decoder, cfg.seed + i, stops)) for i, ids in enumerate(encoded)]
     meter.start()
-    for i, (p, ids) in enumerate(zip(items, encoded, strict=True)):
-        row = run_request(pipe, ids, _settings(cfg, decoder, cfg.seed + i, stops))
+    t0 = time.perf_counter()
+    rows = run_requests(pipe, jobs, (lambda done, total: progress(decoder, done, total)) if progress else None)
+    window = time.perf_counter() - t0
+    for p, row in zip(items, rows, strict=True):
         row["prompt_id"] = p.id
-        rows.append(row)
-        if progress:
-            progress(decoder, i + 1, len(items))
-    return {"rows": rows, "reading": meter.stop()}
+    return {"rows": rows, "reading": meter.stop(), "window_s": window}
 
 
 def run_bench(cfg: BenchConfig, progress: Callable[[str, int, int], None] | None = None) -> dict:
@@ -134,7 +148,8 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str, int, int], None] | None
     humaneval = all("entry_point" in p.meta for p in items)
     stops = HUMANEVAL_STOPS if humaneval else ()
     pipe = Pipeline.load(cfg.engines, backend=cfg.backend, device=cfg.device, threads=cfg.threads,
-                         load_draft=any(d != "ar" for d in cfg.decoders))
+                         load_draft=any(d != "ar" for d in cfg.decoders), max_batch=cfg.concurrency,
+                         spec_policy=cfg.spec_policy)
     on_gpu = pipe.backend.endswith("cuda")
     sync = None
     if on_gpu:
@@ -165,7 +180,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str, int, int], None] | None
                                                timeout_s=5.0)
                 for row, r in zip(rows, done, strict=True):
                     row["passed"], row["sandbox_status"] = r.passed, r.status
-            res["summary"] = summarize(rows, res.pop("reading"))
+            res["summary"] = summarize(rows, res.pop("reading"), res.pop("window_s", None))
     finally:
         scorer.close()
     for peer in cfg.peers:

@@ -20,6 +20,8 @@ def target_step(st: DecodeState, pending: list[int]) -> Decoder:
     emit it (returns it). Also what a speculative decoder does while its policy says γ=0."""
     logits = yield Call("target", pending)
     st.target.commit_chain(len(pending))
+    if st.decode.speculative:
+        st.stats.plain_steps += 1
     tok = sample(process(logits[-1], st.sampling), st.rng)
     st.emitted.append(tok)
     return tok

@@ -96,9 +96,12 @@ def catch_up(state: DecodeState, pending: list[int], limit: int = 8) -> Decoder:
 
 
 def count_accepted(state: DecodeState, n: int) -> None:
+    """Book one round of depth state.gamma that accepted n drafted tokens."""
     state.last_accepted = n
     stats = state.stats
     stats.iterations += 1
+    stats.draft_positions += state.gamma
+    stats.gamma = max(stats.gamma, state.gamma)
     stats.accepted_tokens += n
     if len(stats.accepted_per_position) < n:
         stats.accepted_per_position += [0] * (n - len(stats.accepted_per_position))

@@ -77,7 +77,7 @@ def decode_mtad(st: DecodeState) -> Decoder:
             pend_t, pend_d = [y], pend_d + [y]
             yield None  # iteration boundary
             continue
-        stats.gamma, stats.beam_width = max(stats.gamma, g), max(stats.beam_width, b)
+        stats.beam_width = max(stats.beam_width, b)
         tree = yield from draft_tree(st, pend_d, b, g)
         p = len(pend_t)
         if tree_verify:

@@ -40,7 +40,6 @@ def decode_sps(st: DecodeState) -> Decoder:
             pend_t, pend_d = [y], pend_d + [y]
             yield None  # iteration boundary
             continue
-        st.stats.gamma = max(st.stats.gamma, g)
         tree = yield from draft_tree(st, pend_d, 1, g, keep_q=True)
         block = tree.tokens[:, 0]
         p = len(pend_t)

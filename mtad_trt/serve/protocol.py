@@ -63,10 +63,9 @@ class _GenerationRequest(_Strict):
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
-    def runtime_settings(self, defaults: dict[str, Any]) -> dict[str, Any]:
-        """The runtime settings this request asks for, over the server's defaults."""
-        out = dict(defaults)
-        out.update({name: getattr(self, name) for name in SETTING_FIELDS if getattr(self, name) is not None})
+    def runtime_settings(self) -> dict[str, Any]:
+        """The runtime settings this request asks for (the server's defaults fill in the rest)."""
+        out = {name: getattr(self, name) for name in SETTING_FIELDS if getattr(self, name) is not None}
         if self.requested_max_tokens is not None:
             out["max_new_tokens"] = self.requested_max_tokens
         return out

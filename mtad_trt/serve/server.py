@@ -51,8 +51,14 @@ def serve(
     device: str = "auto",
     threads: int = 1,
     log_level: str = "info",
+    max_batch: int = 1,
+    prefill_chunk: int | None = None,
+    spec_policy: str = "auto",
 ) -> None:
     """Load `engines` and serve it until SIGTERM/SIGINT (then drain for up to settings.drain_timeout_s).
+
+    `max_batch` requests run at once (continuous batching); `spec_policy` "auto" lets the runtime
+    pick γ (and B) per iteration for the requests that did not fix them, "fixed" never does.
 
     Binds loopback unless `host` says otherwise. Like uvicorn, re-raises the signal that stopped
     it once the drain is done, so a supervisor sees "terminated by SIGTERM".
@@ -63,7 +69,10 @@ def serve(
     settings.validate()  # before the (slow) engine load
     if not _is_loopback(host) and not settings.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this address can use it", host)
-    pipeline = Pipeline.load(engines, backend=backend, device=device, threads=threads)
+    from mtad_trt.pipeline import DEFAULT_PREFILL_CHUNK
+
+    pipeline = Pipeline.load(engines, backend=backend, device=device, threads=threads, max_batch=max_batch,
+                             prefill_chunk=prefill_chunk or DEFAULT_PREFILL_CHUNK, spec_policy=spec_policy)
     try:
         app = create_app(pipeline, settings)
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",

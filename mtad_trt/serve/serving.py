@@ -77,7 +77,7 @@ class OpenAIServing:
     async def generate(self, http: Request, req, prompt_ids: list[int], default_max: int | None,
                        shape: Shape) -> Response:
         """Fit, submit, then stream or collect: the path both endpoints end in."""
-        prepared = self.client.prepare(prompt_ids, default_max, **req.runtime_settings(self.settings.defaults))
+        prepared = self.client.prepare(prompt_ids, default_max, self.settings.defaults, **req.runtime_settings())
         job = Job(asyncio.get_running_loop())
         try:
             job.handle = self.client.submit(prepared, job, streaming=req.stream)
