@@ -168,18 +168,21 @@ def engines_option(fn):
 @click.option("--max-seq-len", type=int, default=None, help="KV capacity of the plans (default: the export's).")
 @click.option("--max-decode-tokens", default=32, show_default=True, help="Largest decode/verify width T (1+B·γ for MMTAD).")
 @click.option("--max-prefill-tokens", type=int, default=None, help="Largest prompt chunk (default: the capacity).")
+@click.option("--decode-opt-tokens", type=int, default=None,
+              help="Width T the decode profile is tuned for (default: --max-decode-tokens; 1 = single-token steps).")
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None)
 @click.option("--workspace-mb", type=int, default=None)
 @click.option("--role", "roles", multiple=True, type=click.Choice(["draft", "target"]), help="Build only these roles.")
 @friendly
-def build(engines, precision, max_batch, max_seq_len, max_decode_tokens, max_prefill_tokens, timing_cache,
-          workspace_mb, roles) -> None:
+def build(engines, precision, max_batch, max_seq_len, max_decode_tokens, max_prefill_tokens, decode_opt_tokens,
+          timing_cache, workspace_mb, roles) -> None:
     """Build TensorRT plans for an engine folder (on the GPU machine that will run them)."""
     from mtad_trt.export.build_trt import build_plans
 
     plans = build_plans(engines, precision=precision, max_batch=max_batch, max_seq_len=max_seq_len,
                         timing_cache=timing_cache, workspace_mb=workspace_mb, max_decode_tokens=max_decode_tokens,
-                        max_prefill_tokens=max_prefill_tokens, roles=list(roles) or None)
+                        max_prefill_tokens=max_prefill_tokens, roles=list(roles) or None,
+                        decode_opt_tokens=decode_opt_tokens)
     for role, entry in plans.items():
         click.echo(f"{role}: {entry.get('plan', '')} ({entry.get('gpu_name', '')}, TensorRT {entry.get('tensorrt_version', '')})")
 

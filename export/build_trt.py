@@ -72,13 +72,15 @@ def plan_profiles(
     max_decode_tokens: int = 32,
     max_prefill_tokens: int | None = None,
     smallest_bucket: int = 128,
+    decode_opt_tokens: int | None = None,
 ) -> list[dict[str, Any]]:
     """Two optimization profiles, [{"name", "shapes": {input: [min, opt, max]}}], prefill first.
 
     S ranges over the runtime's cache buckets (`bucket_sizes`), the mask's last axis is S+T, K
     stays within max_decode_tokens in both (a prompt needs logits for its last token only, and a
     K as wide as a long prompt would make TensorRT reserve a [B, K, vocab] LM-head activation).
-    Decode/verify is tuned (opt) at its full width and batch: those shapes repeat every step.
+    Decode/verify is tuned (opt) at `decode_opt_tokens` (default: its full width) and full batch;
+    1 tunes it for the draft's single-token steps instead (to be measured: docs/gpu.md).
     """
     s_max = spec.max_seq_len if max_seq_len is None else max_seq_len
     if s_max > spec.max_seq_len:
@@ -88,6 +90,10 @@ def plan_profiles(
     t_prefill = s_max if max_prefill_tokens is None else min(max_prefill_tokens, s_max)
     if t_prefill < 1:
         raise MtadError("max_prefill_tokens must be >= 1")
+    w = max_decode_tokens
+    w_opt = w if decode_opt_tokens is None else decode_opt_tokens
+    if not 1 <= w_opt <= w:
+        raise MtadError(f"decode_opt_tokens must be between 1 and max_decode_tokens ({w}), not {w_opt}")
     buckets = bucket_sizes(s_max, smallest_bucket)
     s_min = buckets[0]
 
@@ -106,8 +112,7 @@ def plan_profiles(
     t_opt = min(t_prefill, 256)
     k_max = min(max_decode_tokens, t_prefill)
     prefill = shapes((1, 1, max_batch), (1, t_opt, t_prefill), (1, 1, k_max), (s_min, bucket_for(t_opt), s_max))
-    w = max_decode_tokens
-    decode = shapes((1, max_batch, max_batch), (1, w, w), (1, w, w), (s_min, buckets[len(buckets) // 2], s_max))
+    decode = shapes((1, max_batch, max_batch), (1, w_opt, w), (1, w_opt, w), (s_min, buckets[len(buckets) // 2], s_max))
     return [{"name": PROFILE_PREFILL, "shapes": prefill}, {"name": PROFILE_DECODE, "shapes": decode}]
 
 
@@ -155,6 +160,7 @@ def plan_role(
     max_seq_len: int | None,
     max_decode_tokens: int,
     max_prefill_tokens: int | None,
+    decode_opt_tokens: int | None = None,
 ) -> RolePlan:
     """Every check and decision for one role's build; raises MtadError before any TensorRT work."""
     scheme = entry.quantization.get("scheme", "none")
@@ -167,7 +173,8 @@ def plan_role(
     if not onnx.is_file():
         raise MtadError(f"missing graph {onnx}: re-export the engine")
     flags = choose_flags(major, entry.spec.dtype, precision)
-    profiles = plan_profiles(entry.spec, max_batch, max_seq_len, max_decode_tokens, max_prefill_tokens)
+    profiles = plan_profiles(entry.spec, max_batch, max_seq_len, max_decode_tokens, max_prefill_tokens,
+                             decode_opt_tokens=decode_opt_tokens)
     s_max = entry.spec.max_seq_len if max_seq_len is None else max_seq_len
     settings = {
         "precision": precision,
@@ -176,6 +183,8 @@ def plan_role(
         "max_decode_tokens": max_decode_tokens,
         "max_prefill_tokens": min(max_prefill_tokens or s_max, s_max),
     }
+    if decode_opt_tokens is not None:  # recorded (and in the rebuild command) only when not the default
+        settings["decode_opt_tokens"] = decode_opt_tokens
     return RolePlan(role, onnx, f"{role}/model.plan", profiles, flags, settings)
 
 
@@ -253,6 +262,7 @@ def build_plans(
     max_decode_tokens: int = 32,
     max_prefill_tokens: int | None = None,
     roles: list[str] | None = None,
+    decode_opt_tokens: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Build `<role>/model.plan` for each role (default: all) and record them in the manifest.
 
@@ -273,7 +283,8 @@ def build_plans(
     trt_version, gpu_name, cc = machine_info(trt)
     major = trt_major(trt_version)
     plans = [
-        plan_role(folder, r, manifest.role(r), major, precision, max_batch, max_seq_len, max_decode_tokens, max_prefill_tokens)
+        plan_role(folder, r, manifest.role(r), major, precision, max_batch, max_seq_len, max_decode_tokens,
+                  max_prefill_tokens, decode_opt_tokens)
         for r in names
     ]
     cache_path = Path(timing_cache) if timing_cache else default_timing_cache(folder, trt_version, cc)

@@ -49,7 +49,13 @@ def flat_tensors(obj: Any) -> list[torch.Tensor]:
 
 
 class TorchCudaCapturer:
-    """torch.cuda graphs: warm-up and capture on one side stream, one memory pool per runner.
+    """torch.cuda graphs: warm-up and capture on one stream, one memory pool per runner.
+
+    `stream` is the runner's own stream, on which the whole step runs (backends/device.py): the
+    warm-up and the capture then happen on the stream later replays launch on (a replay goes to
+    the current stream), lazily created per-stream state (cuBLAS workspaces) is made before the
+    capture, and no cross-stream events are needed. Without one it keeps a side stream of its own
+    and orders it against the caller's current stream.
 
     All graphs of a runner share a pool: they replay one at a time on one stream, and the outputs
     each graph returns stay referenced by the runner, so no later capture allocates over them. A
@@ -58,12 +64,14 @@ class TorchCudaCapturer:
     engine's next step, as the ModelRunner protocol requires.
     """
 
-    def __init__(self, device: torch.device | str | None = None) -> None:
-        self.stream = torch.cuda.Stream(device=device)
+    def __init__(self, device: torch.device | str | None = None, stream: torch.cuda.Stream | None = None) -> None:
+        self.stream = stream if stream is not None else torch.cuda.Stream(device=device)
         self.pool = torch.cuda.graph_pool_handle()
 
     def warmup(self, fn: Callable[[], Any]) -> Any:
-        current = torch.cuda.current_stream()
+        current = torch.cuda.current_stream(self.stream.device)
+        if current == self.stream:  # the runner's stream: already in order
+            return fn()
         self.stream.wait_stream(current)  # the inputs were copied in on the current stream
         with torch.cuda.stream(self.stream):
             out = fn()
@@ -90,14 +98,17 @@ class StaticInputs:
     sliding_mask: torch.Tensor | None = None  # graphs with sliding-window layers only
 
     @classmethod
-    def alloc(cls, key: Key, device: torch.device, sliding: bool = False) -> StaticInputs:
+    def alloc(cls, key: Key, device: torch.device, sliding: bool = False,
+              zeros: Callable[..., torch.Tensor] | None = None) -> StaticInputs:
+        """`zeros(shape, dtype, device)` allocates each buffer (TensorRT passes an aligned one)."""
         b, t, k, s = key
+        z = zeros or (lambda shape, dtype, dev: torch.zeros(shape, dtype=dtype, device=dev))
         return cls(
-            torch.zeros((b, t), dtype=torch.int64, device=device),
-            torch.zeros((b, t), dtype=torch.int64, device=device),
-            torch.zeros((b, 1, t, s + t), dtype=torch.bool, device=device),
-            torch.zeros((b, k), dtype=torch.int64, device=device),
-            torch.zeros((b, 1, t, s + t), dtype=torch.bool, device=device) if sliding else None,
+            z((b, t), torch.int64, device),
+            z((b, t), torch.int64, device),
+            z((b, 1, t, s + t), torch.bool, device),
+            z((b, k), torch.int64, device),
+            z((b, 1, t, s + t), torch.bool, device) if sliding else None,
         )
 
     def load(self, inputs: StepInputs) -> None:
@@ -164,6 +175,10 @@ class GraphRunner(Generic[B]):
 
     def graphable(self, key: Key) -> bool:
         return self.capturer is not None and key[1] <= self.max_graph_tokens
+
+    def keeps(self, key: Key) -> bool:
+        """Whether `key` holds a slot: its buffers are kept for good and a graph may bake them in."""
+        return key in self._slots
 
     def buffers(self, key: Key, make: Callable[[], B]) -> B:
         slot = self._slots.get(key)

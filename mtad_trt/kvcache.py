@@ -25,6 +25,21 @@ from mtad_trt.errors import CapacityError
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 SMALLEST_BUCKET = 128
+ALIGN_BYTES = 256  # TensorRT refuses a tensor address that is not a multiple of 256 (set_tensor_address)
+
+
+def aligned_zeros(shape: tuple[int, ...], dtype: Any, device: Any, align: int = ALIGN_BYTES) -> Any:
+    """A zeroed contiguous torch tensor whose address is a multiple of `align` bytes.
+
+    torch's CUDA allocator already returns 512-byte aligned blocks; its CPU allocator only 64, so
+    without this the CPU harness could not check the alignment rule TensorRT enforces.
+    """
+    import torch
+
+    n = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    raw = torch.zeros(n + align, dtype=torch.uint8, device=device)
+    off = -raw.data_ptr() % align
+    return raw[off : off + n].view(dtype).view(shape)
 
 
 def bucket_sizes(max_seq_len: int, smallest: int = SMALLEST_BUCKET) -> list[int]:
@@ -142,7 +157,8 @@ class TorchKVCache(SlotCache):
     """torch tensors on a device, for the torch and TensorRT backends.
 
     One [2L, B*Hkv*S_max*D] tensor; `all_layers` views every layer's bucket at once, so `move` is
-    one gather + one scatter however many layers there are.
+    one gather + one scatter however many layers there are. Its rows start 256 bytes apart or a
+    multiple of that (the row stride is padded), so every view can be bound as a TensorRT address.
     """
 
     def __init__(self, spec: ModelSpec, batch: int, device: Any, dtype: Any,
@@ -153,7 +169,9 @@ class TorchKVCache(SlotCache):
         super().__init__(spec, batch, smallest_bucket)
 
     def _alloc(self, n: int) -> list[Any]:
-        self._all = self._torch.zeros((2 * self.spec.num_layers, n), dtype=self.dtype, device=self.device)
+        per = max(1, ALIGN_BYTES // self._torch.empty((), dtype=self.dtype).element_size())
+        stride = -(-n // per) * per  # elements per row, rounded up to whole 256-byte blocks
+        self._all = aligned_zeros((2 * self.spec.num_layers, stride), self.dtype, self.device)[:, :n]
         return list(self._all.unbind(0))
 
     def _clone(self, a: Any) -> Any:

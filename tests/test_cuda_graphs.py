@@ -3,8 +3,9 @@ end with that fake, and real CUDA graphs on a GPU (replay == eager over many ste
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,8 @@ import pytest
 import torch
 from test_torch_backend import assert_same_logits, build_tiny_engine, drive
 
+import mtad_trt.backends.device as device
+import mtad_trt.backends.torch_backend as torch_backend
 from mtad_trt.backends.torch_backend import TorchRunner
 from mtad_trt.cuda_graphs import GraphRunner, StaticInputs, flat_tensors
 from mtad_trt.rows import Row
@@ -167,6 +170,43 @@ def test_torch_engine_graph_path_with_fake_capture(tiny) -> None:
     assert_same_logits(graphed[len(plain) :], drive_more(eager), tol=1e-6)
 
 
+def test_torch_runner_works_on_its_own_stream(tiny, monkeypatch) -> None:
+    """The model call and every cache write (reserve, keep, move) are issued with the runner's
+    stream current, never the caller's (on CUDA: never the legacy default stream)."""
+    active: list[Any] = []
+
+    @contextlib.contextmanager
+    def recording(stream: Any) -> Iterator[None]:
+        active.append(stream)
+        try:
+            yield
+        finally:
+            active.pop()
+
+    monkeypatch.setattr(device, "on_stream", recording)
+    monkeypatch.setattr(torch_backend, "on_stream", recording)
+    folder, manifest = tiny
+    engine = TorchRunner.from_folder(folder, manifest, "target")
+    assert engine.stream.cuda_stream != 0 and engine.host.stream is engine.stream
+    seen: list[tuple[str, list]] = []
+
+    def spy(obj: Any, name: str) -> None:
+        real = getattr(obj, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            seen.append((name, list(active)))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(obj, name, call)
+
+    for name in ("reserve", "keep", "move"):
+        spy(engine.cache, name)
+    spy(engine.wrapper, "forward")
+    drive(engine)
+    assert {n for n, _ in seen} == {"reserve", "keep", "move", "forward"}
+    assert all(streams == [engine.stream] for _, streams in seen), seen
+
+
 def drive_more(engine, steps: int = 24) -> list[np.ndarray]:
     """Many decode steps of a few fixed shapes with changing positions, masks and cache slots —
     the pattern graphs are for. Starts a new sequence on the engine."""
@@ -201,3 +241,21 @@ def test_cuda_graph_replay_matches_eager(tiny) -> None:
     stats = graphed.graph_stats
     assert stats["capture_failures"] == 0, stats
     assert stats["graphs_captured"] >= 2 and stats["graph_replays"] > 40, stats
+
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_work_runs_on_the_runner_stream(tiny) -> None:
+    folder, manifest = tiny
+    engine = TorchRunner.from_folder(folder, manifest, "target", device="cuda", max_decode_tokens=8)
+    streams = []
+    real = engine.wrapper.forward
+
+    def forward(*args: Any) -> Any:
+        streams.append(torch.cuda.current_stream())
+        return real(*args)
+
+    engine.wrapper.forward = forward
+    drive(engine)
+    assert streams and all(s == engine.stream for s in streams)
+    assert engine.stream != torch.cuda.default_stream() and engine.stream.cuda_stream != 0

@@ -1,25 +1,30 @@
 """TensorRT backend and plan building, without TensorRT or a GPU.
 
 The pure parts (profiles, flag choice, refusals, plan compatibility) are tested directly. The
-orchestration (`build_plans`, `TrtRunner`) runs against a fake `tensorrt` module that mirrors
-the documented TensorRT 10 Python API and executes the plan with ONNX Runtime: its execution
-context reads and writes the tensor addresses the engine binds, so the engine's binding, profile
-switching, KV cache and graph path are checked for parity with the ONNX Runtime backend. What
-this cannot show is that real TensorRT accepts the graph and the calls; see docs/gpu.md.
+orchestration (`build_plans`, `TrtRunner`) runs against a fake `tensorrt` module that executes
+the plan with ONNX Runtime through the addresses the runner binds, and is strict where
+TensorRT's documentation is (docs/gpu.md): it refuses a graph replay on a context whose state
+changed since capture, an enqueue on stream 0, an address that is not 256-byte aligned, and an
+output that would not fit its buffer. What this cannot show is that real TensorRT accepts the
+graph and the calls; see docs/gpu.md and scripts/gpu_check.sh.
 """
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import enum
 import json
 import sys
 import types
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-from test_cuda_graphs import FakeCapturer
+import torch
 from test_torch_backend import SPEC, assert_same_logits, build_tiny_engine, drive
 
 import mtad_trt.backends.trt as trt_backend
@@ -54,6 +59,11 @@ def test_profiles_cover_buckets_and_phases() -> None:
             assert prof["attention_mask"][i][3] == prof["past_key_values.1.value"][i][2] + prof["input_ids"][i][1]
         for lo, opt, hi in prof.values():
             assert all(a <= b <= c for a, b, c in zip(lo, opt, hi, strict=True))
+    tuned = plan_profiles(spec, max_batch=4, max_decode_tokens=16, decode_opt_tokens=1)[1]["shapes"]  # issue 15 item 7
+    assert tuned["input_ids"] == [[1, 1], [4, 1], [4, 16]] and tuned["logits_index"] == [[1, 1], [4, 1], [4, 16]]
+    assert tuned["attention_mask"][1][2:] == [1, tuned["past_key_values.0.key"][1][2] + 1]
+    with pytest.raises(MtadError, match="decode_opt_tokens must be between 1 and max_decode_tokens"):
+        plan_profiles(spec, max_decode_tokens=16, decode_opt_tokens=17)
     small = plan_profiles(spec, max_seq_len=100, max_decode_tokens=4)  # one bucket below 128
     assert small[1]["shapes"]["past_key_values.0.key"][0][2] == 100 == small[1]["shapes"]["past_key_values.0.key"][2][2]
     with pytest.raises(MtadError, match="exceeds the graph's KV capacity"):
@@ -126,6 +136,7 @@ def test_plan_compat() -> None:
     assert select_plan(plans, *ORIN)[0]["tag"] == "new"
     plan, reasons = select_plan(plans[1:2], *ORIN)
     assert plan is None and "rebuild it here" in reasons[0]
+    assert check_plan_compat(plan_entry(decode_opt_tokens=1), *H100).endswith("--decode-opt-tokens 1`")
 
 
 # -- TensorRT missing -------------------------------------------------------------------------
@@ -147,14 +158,61 @@ def test_tensorrt_missing_is_one_clear_line(monkeypatch, tmp_path) -> None:
         import_tensorrt()
 
 
-# -- a fake TensorRT backed by ONNX Runtime ---------------------------------------------------
+# -- a strict fake TensorRT, executed by ONNX Runtime -----------------------------------------
+# Each rule is a documented TensorRT requirement (docs/gpu.md, "TensorRT facts"); a test may switch
+# rules off to show one of them at a time.
+RULES = frozenset({"replay", "stream", "align", "outputs"})
+ALIGN = 256
+
 DataType = enum.Enum("DataType", "FLOAT HALF BF16 INT32 INT64 BOOL INT8 UINT8")
 TensorIOMode = enum.Enum("TensorIOMode", "INPUT OUTPUT")
+ExecutionContextAllocationStrategy = enum.Enum("ExecutionContextAllocationStrategy", "STATIC ON_PROFILE_CHANGE USER_MANAGED")
 NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag", {"STRONGLY_TYPED": 1})
 BuilderFlag = enum.IntEnum("BuilderFlag", "FP16 BF16 TF32")
 MemoryPoolType = enum.IntEnum("MemoryPoolType", "WORKSPACE")
 ORT_TYPES = {"tensor(float)": (DataType.FLOAT, np.float32), "tensor(float16)": (DataType.HALF, np.float16),
              "tensor(int64)": (DataType.INT64, np.int64), "tensor(bool)": (DataType.BOOL, np.bool_)}
+
+
+class FakeState:
+    """What the fake knows beyond one context: enabled rules, an open capture, the live torch
+    allocations (so an output's buffer size can be checked before writing into it), the API level."""
+
+    def __init__(self) -> None:
+        self.rules: set[str] = set(RULES)
+        self.capturing: list | None = None
+        self.allocations: dict[int, tuple[Any, int]] = {}  # address -> (storage, bytes): held, so no address is reused
+        self._starts: list[int] | None = None
+        self.api = "10.1"  # "10.0": no device_memory_size_v2 / set_device_memory
+        self.refusals: list[str] = []
+        self.contexts: list[FakeContext] = []
+
+    def refuse(self, why: str) -> bool:
+        print(f"fake tensorrt refused: {why}")  # shown with a failing test's captured output
+        self.refusals.append(why)
+        return False
+
+    def extent(self, ptr: int) -> int | None:
+        """Bytes from `ptr` to the end of the live torch allocation holding it, if any."""
+        if self._starts is None:
+            self._starts = sorted(self.allocations)
+        i = bisect.bisect_right(self._starts, ptr) - 1
+        if i < 0:
+            return None
+        start = self._starts[i]
+        size = self.allocations[start][1]
+        return start + size - ptr if ptr < start + size else None
+
+    def record(self, t: torch.Tensor) -> None:
+        try:
+            st = t.untyped_storage()
+            self.allocations[st.data_ptr()] = (st, st.nbytes())
+            self._starts = None
+        except RuntimeError:  # a FakeTensor (an ONNX export traces with them): no memory
+            pass
+
+
+STATE = FakeState()
 
 
 def at_address(ptr: int, shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -247,6 +305,10 @@ class Builder:
 
 
 class FakeEngine:
+    """TensorRT 10.0's engine API (device_memory_size); FakeEngineV2 adds 10.1's _v2 names."""
+
+    memory = 4096  # activation bytes a context needs
+
     def __init__(self, plan: dict) -> None:
         import onnxruntime as ort
 
@@ -254,8 +316,14 @@ class FakeEngine:
         self.session = ort.InferenceSession(plan["onnx"], providers=["CPUExecutionProvider"])
         self.io = {i.name: (TensorIOMode.INPUT, *ORT_TYPES[i.type]) for i in self.session.get_inputs()}
         self.io |= {o.name: (TensorIOMode.OUTPUT, *ORT_TYPES[o.type]) for o in self.session.get_outputs()}
+        self.dims = {t.name: list(t.shape) for t in [*self.session.get_inputs(), *self.session.get_outputs()]}
         self.names = list(self.io)
         self.num_io_tensors = len(self.names)
+        self.num_optimization_profiles = len(plan["profiles"])
+
+    @property
+    def device_memory_size(self) -> int:
+        return self.memory
 
     def get_tensor_name(self, i: int) -> str:
         return self.names[i]
@@ -266,42 +334,125 @@ class FakeEngine:
     def get_tensor_dtype(self, name: str):
         return self.io[name][1]
 
-    def create_execution_context(self) -> FakeContext:
-        return FakeContext(self)
+    def get_tensor_profile_shape(self, name: str, profile_index: int) -> list[tuple[int, ...]]:
+        return [tuple(d) for d in self.plan["profiles"][profile_index][name]]
+
+    def create_execution_context(self, strategy=ExecutionContextAllocationStrategy.STATIC) -> FakeContext:
+        ctx = (FakeContextV2 if isinstance(self, FakeEngineV2) else FakeContext)(self, strategy)
+        STATE.contexts.append(ctx)
+        return ctx
+
+
+class FakeEngineV2(FakeEngine):
+    @property
+    def device_memory_size_v2(self) -> int:
+        return self.memory
 
 
 class FakeContext:
-    """Checks shapes against the active profile, reads inputs from and writes outputs to the bound addresses."""
+    """Shapes checked against the active profile; inputs read from and outputs written to the bound
+    addresses. `version` counts every state change: a graph captured at one version may only
+    replay at that version (TensorRT: modifying a captured context is undefined behaviour)."""
 
-    def __init__(self, engine: FakeEngine) -> None:
-        self.engine, self.profile, self.shapes, self.addresses = engine, 0, {}, {}
+    def __init__(self, engine: FakeEngine, strategy) -> None:
+        self.engine, self.strategy = engine, strategy
+        self.profile, self.shapes, self.addresses = 0, {}, {}
+        self.memory: tuple[int, int] | None = None
+        self.profile_stream: int | None = None
         self.switches: list[int] = []
+        self.streams: set[int] = set()
+        self.version = 0
         self.executions = 0
 
+    @property
+    def device_memory(self) -> None:
+        raise AttributeError("device_memory is write-only")
+
+    @device_memory.setter
+    def device_memory(self, ptr: int) -> None:
+        self.version += 1
+        self.memory = (ptr, self.engine.memory)
+
     def set_optimization_profile_async(self, index: int, stream: int) -> bool:
+        self.version += 1
+        if not 0 <= index < self.engine.num_optimization_profiles:
+            raise RuntimeError("Error in set optimization profile async.")  # what the Python binding does
         self.profile = index
+        self.profile_stream = stream
         self.switches.append(index)
         self.shapes.clear()  # TensorRT forgets the input shapes on a profile switch
         return True
 
     def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
+        self.version += 1
         lo, _, hi = self.engine.plan["profiles"][self.profile][name]
         if not all(a <= s <= b for a, s, b in zip(lo, shape, hi, strict=True)):
             return False
         self.shapes[name] = tuple(shape)
         return True
 
+    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+        """Inputs: as set. Outputs: inferred from the graph's named axes (B, T, K, S)."""
+        if name in self.shapes:
+            return self.shapes[name]
+        sym = {}
+        for inp, shape in self.shapes.items():
+            for d, v in zip(self.engine.dims[inp], shape, strict=True):
+                if isinstance(d, str):
+                    sym[d] = v
+        return tuple(d if isinstance(d, int) else sym.get(d, -1) for d in self.engine.dims[name])
+
     def set_tensor_address(self, name: str, ptr: int) -> bool:
+        self.version += 1
+        if name not in self.engine.io:
+            return False
+        if "align" in STATE.rules and ptr % ALIGN:
+            return STATE.refuse(f"{name}: address {ptr:#x} is not {ALIGN}-byte aligned")  # the old address stays
         self.addresses[name] = ptr
         return True
 
     def execute_async_v3(self, stream: int) -> bool:
-        io, sess = self.engine.io, self.engine.session
-        feeds = {i.name: at_address(self.addresses[i.name], self.shapes[i.name], io[i.name][2]).copy() for i in sess.get_inputs()}
-        for out, value in zip(sess.get_outputs(), sess.run(None, feeds), strict=True):
-            at_address(self.addresses[out.name], value.shape, io[out.name][2])[...] = value
-        self.executions += 1
+        if "stream" in STATE.rules:
+            if stream == 0:
+                return STATE.refuse("enqueue on stream 0 (the legacy default stream)")
+            if self.profile_stream is not None and stream != self.profile_stream:
+                return STATE.refuse("enqueue on another stream than the profile switch, without synchronisation")
+        self.streams.add(stream)
+        if self.strategy == ExecutionContextAllocationStrategy.USER_MANAGED and self.memory is None:
+            return STATE.refuse("user-managed context without device memory")
+        if self.memory is not None and (self.memory[0] % ALIGN or self.memory[1] < self.engine.memory):
+            return STATE.refuse("device memory unaligned or too small")
+        missing = [n for n in self.engine.io if n not in self.addresses or
+                   (self.engine.io[n][0] == TensorIOMode.INPUT and n not in self.shapes)]
+        if missing:
+            return STATE.refuse(f"no shape or address for {missing[:3]}")
+        if "outputs" in STATE.rules:
+            for name, (mode, _, dt) in self.engine.io.items():
+                if mode != TensorIOMode.OUTPUT:
+                    continue
+                need = int(np.prod(self.get_tensor_shape(name))) * np.dtype(dt).itemsize
+                room = STATE.extent(self.addresses[name])
+                if room is None or room < need:
+                    return STATE.refuse(f"output {name} needs {need} bytes; its buffer has {room}")
+        state = (dict(self.shapes), dict(self.addresses))
+        if STATE.capturing is not None:  # recorded, not run: a graph replays it later
+            STATE.capturing.append((self, self.version, state))
+            return True
+        self.run(*state)
         return True
+
+    def run(self, shapes: dict, addresses: dict) -> None:
+        io, sess = self.engine.io, self.engine.session
+        feeds = {i.name: at_address(addresses[i.name], shapes[i.name], io[i.name][2]).copy() for i in sess.get_inputs()}
+        for out, value in zip(sess.get_outputs(), sess.run(None, feeds), strict=True):
+            at_address(addresses[out.name], value.shape, io[out.name][2])[...] = value
+        self.executions += 1
+
+
+class FakeContextV2(FakeContext):
+    def set_device_memory(self, ptr: int, size: int) -> None:
+        self.version += 1
+        self.memory = (ptr, size)
 
 
 class Runtime:
@@ -309,25 +460,75 @@ class Runtime:
         pass
 
     def deserialize_cuda_engine(self, data: bytes) -> FakeEngine:
-        return FakeEngine(json.loads(data))
+        return (FakeEngine if STATE.api == "10.0" else FakeEngineV2)(json.loads(data))
 
 
 class OnnxParser(FakeParser):
     pass
 
 
+class FakeTrtGraph:
+    """What a CUDA graph of execute_async_v3 is: the kernels of that enqueue with the context state
+    baked in. Replaying after the context changed is refused (rule "replay")."""
+
+    def __init__(self, records: list) -> None:
+        self.records = records
+
+    def replay(self) -> None:
+        for ctx, version, state in self.records:
+            if "replay" in STATE.rules and ctx.version != version:
+                raise RuntimeError(
+                    f"replay of a graph captured at context state {version}, now {ctx.version}: "
+                    "the context was modified after capture (undefined behaviour in TensorRT)"
+                )
+            ctx.run(*state)
+
+
+class FakeTrtCapturer:
+    """GraphRunner's capturer for the fake: a capture records the enqueues instead of running them."""
+
+    def __init__(self) -> None:
+        self.log: list[str] = []
+
+    def warmup(self, fn: Callable[[], Any]) -> Any:
+        self.log.append("warmup")
+        return fn()
+
+    def capture(self, fn: Callable[[], Any]) -> tuple[FakeTrtGraph, Any]:
+        self.log.append("capture")
+        STATE.capturing = []
+        try:
+            out = fn()
+            graph = FakeTrtGraph(STATE.capturing)
+        finally:
+            STATE.capturing = None
+        return graph, out
+
+
 @pytest.fixture
 def fake_trt(monkeypatch):
     mod = types.ModuleType("tensorrt")
     mod.__version__ = ORIN[0]
-    for obj in (Logger, Builder, Runtime, OnnxParser, DataType, TensorIOMode, NetworkDefinitionCreationFlag, BuilderFlag, MemoryPoolType):
+    for obj in (Logger, Builder, Runtime, OnnxParser, DataType, TensorIOMode, ExecutionContextAllocationStrategy,
+                NetworkDefinitionCreationFlag, BuilderFlag, MemoryPoolType):
         setattr(mod, obj.__name__, obj)
     monkeypatch.setitem(sys.modules, "tensorrt", mod)
     machine = list(ORIN)
     monkeypatch.setattr(trt_backend, "machine_info", lambda trt: tuple(machine))
     monkeypatch.setattr(trt_plans, "machine_info", lambda trt: tuple(machine))
     monkeypatch.setattr(build_trt, "machine_info", lambda trt: tuple(machine))
-    return machine  # tests may change the machine's identity in place
+    STATE.__init__()
+    for factory in ("zeros", "empty"):  # record torch allocations: the fake checks output buffer sizes
+        real = getattr(torch, factory)
+
+        def recording(*args, _real=real, **kwargs):
+            t = _real(*args, **kwargs)
+            STATE.record(t)
+            return t
+
+        monkeypatch.setattr(torch, factory, recording)
+    yield machine  # tests may change the machine's identity in place
+    STATE.__init__()
 
 
 @pytest.fixture(scope="module")
@@ -340,10 +541,47 @@ def ort_logits(tiny):
     return drive(OrtRunner(tiny[0] / "target" / "model.onnx", SPEC))
 
 
-def test_build_then_run_with_fake_tensorrt(fake_trt, tiny, ort_logits) -> None:
+def t121(engine) -> list[np.ndarray]:
+    """Decode steps T=1, 2, 1 with a prefill between them and one bucket growth (the sequence that
+    replays a graph after another key, and another profile, used the same context)."""
+    rng = np.random.default_rng(2)
+    seq = Row(engine)
+    out = []
+
+    def fwd(t: int) -> None:
+        out.append(seq.forward(rng.integers(0, 300, t), logits_rows=range(min(t, 4))).copy())
+        seq.commit_chain(t)
+
+    fwd(20)  # prefill
+    for t in (1, 1, 1, 2, 2, 2, 1, 1):  # T=1 captured on its 2nd use, replayed after T=2 ran
+        fwd(t)
+    fwd(12)  # a prefill between decodes (T=12 > max_decode_tokens=4)
+    for t in (1, 2, 1):
+        fwd(t)
+    assert engine.reserve(200) == 256  # bucket growth: a new key per width
+    for t in (1, 1, 1, 2, 1, 1):
+        fwd(t)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ort_t121(tiny):
+    return t121(OrtRunner(tiny[0] / "target" / "model.onnx", SPEC))
+
+
+def build(folder: Path, **kw) -> dict:
+    args = {"precision": "fp32", "max_seq_len": 300, "max_decode_tokens": 4, "max_prefill_tokens": 64} | kw
+    return build_plans(folder, **args)["target"]
+
+
+def runner(folder: Path, **kw) -> TrtRunner:
+    kw.setdefault("capturer", FakeTrtCapturer())
+    return TrtRunner.from_folder(folder, Manifest.load(folder), "target", device="cpu", **kw)
+
+
+def test_build_then_run_with_fake_tensorrt(fake_trt, tiny, ort_logits, ort_t121) -> None:
     folder, _ = tiny
-    entries = build_plans(folder, precision="fp32", max_seq_len=300, max_decode_tokens=4, max_prefill_tokens=64, workspace_mb=512)
-    entry = entries["target"]
+    entry = build(folder, workspace_mb=512)
     manifest = Manifest.load(folder)
     assert manifest.role("target").plans == [entry]
     assert entry["tensorrt_version"] == "10.3.0" and entry["gpu_name"] == "Orin" and entry["compute_capability"] == "8.7"
@@ -355,17 +593,27 @@ def test_build_then_run_with_fake_tensorrt(fake_trt, tiny, ort_logits) -> None:
     assert Path(entry["timing_cache"]).read_bytes() == b"+"
     assert not list(folder.glob("target/.model.plan*"))  # the temp file was renamed away
 
-    build_plans(folder, precision="fp32", max_seq_len=300, max_decode_tokens=4, max_prefill_tokens=64)
+    build(folder)
     manifest = Manifest.load(folder)
     assert len(manifest.role("target").plans) == 1  # a rebuild replaces the entry of the overwritten file
     assert Path(entry["timing_cache"]).read_bytes() == b"++"  # the timing cache was loaded and saved again
     assert usable_plans(manifest) == {"target": manifest.role("target").plans[0]}
 
-    engine = TrtRunner.from_folder(folder, manifest, "target", device="cpu", capturer=FakeCapturer())
+    engine = runner(folder)  # every rule of the strict fake on
     assert engine.bucket == 128 and engine.spec.max_seq_len == 300
     assert_same_logits(drive(engine), ort_logits)
-    assert engine.context.switches[:2] == [0, 1]  # prefill profile, then decode/verify
-    assert engine.graph_stats["graph_replays"] > 0 and engine.graph_stats["capture_failures"] == 0
+    engine.reset()
+    assert_same_logits(t121(engine), ort_t121)
+    stats = engine.graph_stats
+    assert stats["graph_replays"] > 0 and stats["capture_failures"] == 0 and stats["graphs_captured"] >= 3
+    assert STATE.refusals == []
+    contexts = [c for c in STATE.contexts if c.engine is engine.cuda_engine]
+    # one context per graph key, plus one shared by the uncaptured prefills (every decode width here had a key)
+    assert engine.contexts_created == len(contexts) == len(engine.runner._slots) + 1
+    for c in contexts:  # each context chose its profile once, on the runner's own stream, and ran there only
+        assert c.strategy == ExecutionContextAllocationStrategy.USER_MANAGED and c.memory[0] == contexts[0].memory[0]
+        assert len(c.switches) == 1 and c.streams <= {engine.stream.cuda_stream} and engine.stream.cuda_stream != 0
+    assert sorted(c.switches[0] for c in contexts).count(0) == 1  # the prefill context; every other one is decode
 
     engine.reset()
     with pytest.raises(MtadError, match="outside the plan's prefill profile.*mtad-trt build"):
@@ -375,6 +623,108 @@ def test_build_then_run_with_fake_tensorrt(fake_trt, tiny, ort_logits) -> None:
     assert usable_plans(manifest) is None
     with pytest.raises(EngineFolderError, match=f"rebuild it here with `mtad-trt build {folder} --precision fp32"):
         TrtRunner.from_folder(folder, manifest, "target", device="cpu")
+
+
+# One test per rule, with only that rule on: each fails on the runner as it was before issue 15.
+def test_rule_replay_needs_a_context_per_graph(fake_trt, tiny, ort_t121) -> None:
+    """Issue 15 item 1: T=1, 2, 1 with a prefill between must not replay a graph on a rebound context."""
+    STATE.rules = {"replay"}
+    build(tiny[0])
+    engine = runner(tiny[0])
+    assert_same_logits(t121(engine), ort_t121)
+    assert engine.graph_stats["graph_replays"] >= 5
+
+
+def test_rule_no_default_stream(fake_trt, tiny, ort_t121) -> None:
+    """Item 2: every enqueue (and profile switch) on the runner's own stream, never stream 0."""
+    STATE.rules = {"stream"}
+    build(tiny[0])
+    engine = runner(tiny[0])
+    assert_same_logits(t121(engine), ort_t121)
+    assert STATE.refusals == []
+
+
+def test_rule_aligned_addresses(fake_trt, tiny, ort_t121) -> None:
+    """Item 3: an odd capacity (299 slots) puts a naive layout's KV rows 128 bytes off 256."""
+    STATE.rules = {"align"}
+    build(tiny[0], max_seq_len=299)
+    engine = runner(tiny[0])
+    assert SPEC.num_kv_heads * 299 * SPEC.head_dim * 4 % ALIGN == 128  # a naive layout's row stride
+    assert_same_logits(t121(engine), ort_t121)
+    assert STATE.refusals == []
+    engine.cache.views[1] = engine.cache.flat[1][16:16 + engine.cache.views[1].numel()].view(engine.cache.views[1].shape)
+    engine.runner.clear()  # new keys bind again: the runner checks each address itself, with a clear message
+    with pytest.raises(MtadError, match="past_key_values.0.value is at address .* not 256-byte aligned"):
+        Row(engine).forward([1])
+
+
+def test_graphs_off_share_one_context_per_profile(fake_trt, tiny, ort_t121) -> None:
+    build(tiny[0])
+    engine = runner(tiny[0], capturer=None)
+    assert_same_logits(t121(engine), ort_t121)
+    assert engine.contexts_created == 2 and engine.graph_stats["graphs_captured"] == 0
+    assert sorted(c.switches for c in STATE.contexts) == [[0], [1]]  # rebound per step, never switched
+
+
+def test_rule_output_shapes_match_buffers(fake_trt, tiny) -> None:
+    """Item 4: a plan whose outputs drifted from the manifest's contract is refused before it writes."""
+    STATE.rules = {"outputs"}
+    entry = build(tiny[0])
+    drifted = replace(SPEC, vocab_size=296)  # the manifest says 296, the plan's graph gives 300
+    engine = TrtRunner(tiny[0] / entry["path"], drifted, entry, device="cpu", capturer=FakeTrtCapturer())
+    with pytest.raises(EngineFolderError, match=r"plan output logits has shape \(1, 1, 300\) .* gives \(1, 1, 296\)"):
+        Row(engine).forward([1, 2, 3])
+
+
+def test_manifest_profiles_must_match_the_plan(fake_trt, tiny) -> None:
+    """Item 5: the plan's own profiles (count, order, min/opt/max) are compared with the manifest's."""
+    folder, _ = tiny
+    build(folder)
+    good = Manifest.load(folder)
+    runner(folder).close()
+
+    def refused(edit: Callable[[list], None], why: str) -> None:
+        manifest = Manifest.load(folder)
+        edit(manifest.role("target").plans[-1]["profiles"])
+        with pytest.raises(EngineFolderError, match=f"{why}.*rebuild it with `mtad-trt build {folder} --precision fp32"):
+            TrtRunner.from_folder(folder, manifest, "target", device="cpu")
+
+    refused(lambda p: p.reverse(), r"profile 0 \(decode\) input_ids: plan \[min, opt, max\] \[\[1, 1\], \[1, 64\]")
+    refused(lambda p: p.pop(), "the manifest lists no 'decode' profile.*plan has 2 optimization profiles")
+    refused(lambda p: p[1]["shapes"]["input_ids"][2].__setitem__(1, 8), r"profile 1 \(decode\) input_ids")
+    assert good.role("target").plans[-1]["profiles"][1]["shapes"]["input_ids"][2] == [1, 4]
+
+
+def test_device_memory_api_of_tensorrt_10_0(fake_trt, tiny, ort_logits) -> None:
+    """10.0 has `device_memory_size` and the `device_memory` property; 10.1+ the _v2 size and set_device_memory."""
+    STATE.api = "10.0"
+    build(tiny[0])
+    engine = runner(tiny[0])
+    assert not hasattr(engine.cuda_engine, "device_memory_size_v2")
+    assert_same_logits(drive(engine), ort_logits)
+    assert all(c.memory is not None for c in STATE.contexts)
+
+
+def test_the_strict_fake_can_fail(fake_trt, tiny) -> None:
+    """Negative controls: each rule refuses what it should when used directly."""
+    entry = build(tiny[0])
+    engine = Runtime(Logger()).deserialize_cuda_engine((tiny[0] / entry["path"]).read_bytes())
+    ctx = engine.create_execution_context(ExecutionContextAllocationStrategy.USER_MANAGED)
+    buf = torch.zeros(1024, dtype=torch.uint8)
+    base = buf.data_ptr() + (-buf.data_ptr() % ALIGN)
+    assert ctx.set_tensor_address("logits", base) and not ctx.set_tensor_address("logits", base + 64)
+    assert ctx.addresses["logits"] == base  # a refused address leaves the old one
+    assert not ctx.execute_async_v3(0) and "stream 0" in STATE.refusals[-1]
+    assert not ctx.execute_async_v3(7) and "without device memory" in STATE.refusals[-1]
+    ctx.set_device_memory(base, 4096)
+    assert not ctx.execute_async_v3(7) and "no shape or address" in STATE.refusals[-1]
+    STATE.capturing = [(ctx, ctx.version, ({}, {}))]
+    graph = FakeTrtGraph(STATE.capturing)
+    STATE.capturing = None
+    ctx.set_input_shape("input_ids", (1, 1))
+    with pytest.raises(RuntimeError, match="modified after capture"):
+        graph.replay()
+    assert STATE.extent(base) == 1024 - (base - buf.data_ptr()) and STATE.extent(12345) is None
 
 
 def test_no_plan_says_how_to_build(fake_trt, tmp_path) -> None:
@@ -392,3 +742,53 @@ def test_build_refuses_before_building(fake_trt, tiny) -> None:
     fake_trt[0] = "11.1.0"
     with pytest.raises(MtadError, match="strongly typed networks only"):
         build_plans(folder, precision="fp16")
+
+
+# -- real TensorRT, on a GPU machine (scripts/gpu_check.sh runs these) -------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_real_tensorrt_matches_ort_and_graphs_match_eager(tiny, ort_logits, ort_t121, tmp_path) -> None:
+    import shutil
+
+    try:
+        import_tensorrt()
+    except BackendUnavailable as e:
+        pytest.skip(str(e))
+    folder = tmp_path / "engine"
+    shutil.copytree(tiny[0], folder)
+    manifest = Manifest.load(folder)
+    manifest.role("target").plans = []  # entries the fake may have written
+    manifest.save(folder)
+    build_plans(folder, precision="fp32", max_seq_len=300, max_decode_tokens=4, max_prefill_tokens=64)
+    manifest = Manifest.load(folder)
+    eager = TrtRunner.from_folder(folder, manifest, "target", cuda_graphs=False)
+    graphed = TrtRunner.from_folder(folder, manifest, "target")
+    want = drive(eager)
+    eager.reset()
+    want_t121 = t121(eager)
+    assert_same_logits(want, ort_logits, tol=1e-3)
+    assert_same_logits(want_t121, ort_t121, tol=1e-3)
+    got = drive(graphed)
+    graphed.reset()
+    assert_same_logits(got + t121(graphed), want + want_t121, tol=1e-4)
+    stats = graphed.graph_stats
+    assert stats["capture_failures"] == 0 and stats["graph_replays"] > 10, stats
+    assert graphed.stream.cuda_stream != 0 and eager.contexts_created == 2
+
+
+def test_gpu_check_trt_phase_runs_with_fake_tensorrt(fake_trt, tmp_path) -> None:
+    """scripts/gpu_check.py's TensorRT phase (export, build, three comparisons, step times) end to
+    end on CPU, so the first GPU run does not stop on plumbing."""
+    import argparse
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import gpu_check
+
+    check = gpu_check.Check(tmp_path, budget_s=600)
+    args = argparse.Namespace(device="cpu", trt_layers=0, decode_opt_tokens=1, repeat=2)
+    out = gpu_check.phase_trt(check, args, "draft", tmp_path)
+    assert check.data["failures"] == [] and STATE.refusals == []
+    assert out["full_depth"] and out["dtype"] == "float16" and out["decode_opt_tokens"] == 1
+    assert out["eager_vs_ort_cpu"]["rel_diff"] < 1e-3 and out["eager_vs_ort_cpu"]["steps"] == 19
+    assert out["graphs_vs_eager"]["max_abs_diff"] == 0 and out["contexts"] == 2
+    assert set(out["steps"]["graphs_on"]) >= {"1x1", "1x17", "4x5"}

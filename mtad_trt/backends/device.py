@@ -1,14 +1,24 @@
-"""What the torch-based backends (torch, TensorRT) share: devices, dtypes, the host logits buffer."""
+"""What the torch-based backends (torch, TensorRT) share: devices, dtypes, the runner's own stream,
+the host logits buffer.
+
+Each device runner owns one CUDA stream and does all of its device work there — input copy-in,
+the model call or TensorRT enqueue / graph replay, the logits copy-out and the cache writes
+(`reserve` / `keep` / `move`) — so nothing runs on the legacy default stream (TensorRT adds
+device-wide synchronisation there) and a step's kernels are ordered without extra events.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
 from mtad_trt.errors import BackendUnavailable, MtadError
-from mtad_trt.runner import ShapeCache
+from mtad_trt.runner import ShapeCache, SlotCacheRunner
 
 log = logging.getLogger("mtad_trt")
 
@@ -37,11 +47,67 @@ def runtime_dtype(spec_dtype: str, device: torch.device, override: str | None = 
     return want
 
 
-class HostLogits:
-    """Reused host buffers per (B, K) for the float32 logits a step returns (pinned on CUDA)."""
+class HostStream:
+    """Stands in for a CUDA stream on CPU, where work is synchronous. Its handle is non-zero, as a
+    real side stream's is, so a CPU harness can tell "the runner's stream" from stream 0."""
 
-    def __init__(self, device: torch.device, vocab: int) -> None:
+    def __init__(self) -> None:
+        self.cuda_stream = id(self)
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait_stream(self, other: Any) -> None:
+        pass
+
+
+Stream = torch.cuda.Stream | HostStream
+
+
+def runner_stream(device: torch.device) -> Stream:
+    """A new stream of the runner's own (a non-default CUDA stream), or a HostStream on CPU."""
+    return torch.cuda.Stream(device=device) if device.type == "cuda" else HostStream()
+
+
+@contextlib.contextmanager
+def on_stream(stream: Stream) -> Iterator[None]:
+    """Make `stream` torch's current stream for the block (no-op for a HostStream)."""
+    if isinstance(stream, torch.cuda.Stream):
+        with torch.cuda.stream(stream):
+            yield
+    else:
+        yield
+
+
+class StreamRunner(SlotCacheRunner):
+    """SlotCacheRunner whose cache work runs on the runner's stream (`self.stream`); arguments pass
+    through unchanged, whatever the cache's signatures are."""
+
+    stream: Stream
+
+    def reserve(self, *args: Any, **kwargs: Any) -> Any:
+        with on_stream(self.stream):
+            return super().reserve(*args, **kwargs)
+
+    def keep(self, *args: Any, **kwargs: Any) -> Any:
+        with on_stream(self.stream):
+            return super().keep(*args, **kwargs)
+
+    def move(self, *args: Any, **kwargs: Any) -> Any:
+        with on_stream(self.stream):
+            return super().move(*args, **kwargs)
+
+
+class HostLogits:
+    """Reused host buffers per (B, K) for the float32 logits a step returns (pinned on CUDA).
+
+    The copy is queued on `stream` (the runner's) and that stream is synchronised: the decoders
+    sample on the host right after.
+    """
+
+    def __init__(self, device: torch.device, vocab: int, stream: Stream | None = None) -> None:
         self.device, self.vocab = device, vocab
+        self.stream = stream if stream is not None else runner_stream(device)
         pinned = device.type == "cuda"
 
         def make(key: tuple[int, int]) -> tuple[torch.Tensor, np.ndarray]:
@@ -53,8 +119,9 @@ class HostLogits:
     def fetch(self, logits: torch.Tensor) -> np.ndarray:
         host, arr = self._bufs.get((logits.shape[0], logits.shape[1]))
         if self.device.type == "cuda":
-            host.copy_(logits, non_blocking=True)
-            torch.cuda.current_stream(self.device).synchronize()  # the decoders sample on the host now
+            with on_stream(self.stream):
+                host.copy_(logits, non_blocking=True)
+            self.stream.synchronize()  # the decoders sample on the host now
         else:
             host.copy_(logits)
         return arr

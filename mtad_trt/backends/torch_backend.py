@@ -13,18 +13,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mtad_trt.backends.device import TORCH_DTYPES, HostLogits, runtime_dtype, torch_device
+from mtad_trt.backends.device import (
+    TORCH_DTYPES,
+    HostLogits,
+    StreamRunner,
+    on_stream,
+    runner_stream,
+    runtime_dtype,
+    torch_device,
+)
 from mtad_trt.contract import ModelSpec, StepInputs, check_model, check_step
 from mtad_trt.cuda_graphs import Capturer, GraphRunner, StaticInputs, TorchCudaCapturer
 from mtad_trt.errors import EngineFolderError
 from mtad_trt.kvcache import TorchKVCache
 from mtad_trt.manifest import Manifest
-from mtad_trt.runner import SlotCacheRunner
 
 DEFAULT_MAX_DECODE_TOKENS = 32  # widest step (verify chain / draft tree) that is graph-captured
 
 
-class TorchRunner(SlotCacheRunner):
+class TorchRunner(StreamRunner):
     def __init__(
         self,
         model: torch.nn.Module,
@@ -49,11 +56,15 @@ class TorchRunner(SlotCacheRunner):
         self.name = f"torch-{dev.type}"
         self.batch = batch
         self.wrapper = ContractWrapper(model.to(device=dev, dtype=torch_dtype)).eval()
-        self.cache = TorchKVCache(self.spec, batch, dev, torch_dtype)
+        self.stream = runner_stream(dev)  # every device op of this runner goes here (backends/device.py)
+        if dev.type == "cuda":
+            self.stream.wait_stream(torch.cuda.current_stream(dev))  # the weights were moved on the caller's stream
+        with on_stream(self.stream):
+            self.cache = TorchKVCache(self.spec, batch, dev, torch_dtype)
         if capturer is None and cuda_graphs and dev.type == "cuda":
-            capturer = TorchCudaCapturer(dev)
+            capturer = TorchCudaCapturer(dev, stream=self.stream)
         self.runner: GraphRunner[StaticInputs] = GraphRunner(capturer, max_decode_tokens, name=self.name)
-        self.host = HostLogits(dev, spec.vocab_size)
+        self.host = HostLogits(dev, spec.vocab_size, self.stream)
         self._new_kv: list[torch.Tensor] = []
 
     @classmethod
@@ -77,7 +88,7 @@ class TorchRunner(SlotCacheRunner):
         check_model(model, entry.spec, str(path))
         return cls(model, entry.spec, device=device, threads=threads, dtype=dtype, **kwargs)
 
-    # -- cache (bucket/reserve/reset/keep/move come from SlotCacheRunner) ----
+    # -- cache (bucket/reserve/reset/keep/move come from StreamRunner, on self.stream) ----
     @property
     def graph_stats(self) -> dict[str, int]:
         return self.runner.stats
@@ -87,17 +98,18 @@ class TorchRunner(SlotCacheRunner):
     def step(self, inputs: StepInputs) -> np.ndarray:
         key = check_step(inputs, self.batch, self.cache.size, self.spec)
         sliding = self.spec.has_sliding_layers
-        bufs = self.runner.buffers(key, lambda: StaticInputs.alloc(key, self.device, sliding))
-        bufs.load(inputs)
         views = [v[: key[0]] for v in self.cache.views]  # the first B rows: a contiguous prefix
 
-        def forward() -> tuple[torch.Tensor, ...]:
-            return self.wrapper(*bufs.tensors(), *views)
+        with on_stream(self.stream), torch.no_grad():
+            bufs = self.runner.buffers(key, lambda: StaticInputs.alloc(key, self.device, sliding))
+            bufs.load(inputs)
 
-        with torch.no_grad():
+            def forward() -> tuple[torch.Tensor, ...]:
+                return self.wrapper(*bufs.tensors(), *views)
+
             logits, *new_kv = self.runner.run(key, forward)
-        self._new_kv = new_kv
-        return self.host.fetch(logits)
+            self._new_kv = new_kv
+            return self.host.fetch(logits)
 
     def close(self) -> None:
         self.runner.clear()

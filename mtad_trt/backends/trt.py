@@ -1,9 +1,11 @@
 """TensorRT backend: a built plan per role, buffers as torch CUDA tensors (engine-contract §4, §7).
 
-Which plan may run here is `trt_plans`' job. Per step: choose the optimization profile by T
-(prefill vs decode/verify), set every input shape and tensor address (skipped when the key and
-buffers are those already bound), then `execute_async_v3` on torch's current stream — through
-the shared CUDA-graph runner, so decode/verify steps replay a captured graph.
+Which plan may run here is `trt_plans`' job. A CUDA graph is valid only for the state of the
+execution context it was captured under (shapes, addresses, profile), so each graph key gets a
+context of its own, bound once and never changed; steps that are never captured (prefill, graphs
+off) share one context per profile. All contexts use user-managed device memory, one shared
+scratch buffer: they run one at a time on the runner's own stream. The TensorRT facts this relies
+on, with sources, are in docs/gpu.md.
 """
 
 from __future__ import annotations
@@ -15,21 +17,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from mtad_trt.backends.device import DTYPE_NAMES, HostLogits
+from mtad_trt.backends.device import DTYPE_NAMES, HostLogits, StreamRunner, on_stream, runner_stream
 from mtad_trt.backends.trt_plans import (
     PROFILE_DECODE,
     PROFILE_PREFILL,
     import_tensorrt,
     machine_info,
+    profile_problems,
     rebuild_command,
     select_plan,
 )
 from mtad_trt.contract import LOGITS, SLIDING_MASK, STEP_INPUTS, Key, ModelSpec, StepInputs, check_step
 from mtad_trt.cuda_graphs import Capturer, GraphRunner, StaticInputs, TorchCudaCapturer
 from mtad_trt.errors import BackendUnavailable, EngineFolderError, MtadError
-from mtad_trt.kvcache import TorchKVCache
+from mtad_trt.kvcache import ALIGN_BYTES, TorchKVCache, aligned_zeros
 from mtad_trt.manifest import Manifest
-from mtad_trt.runner import SlotCacheRunner
 
 STEP_DTYPES = {name: {np.int64: torch.int64, np.bool_: torch.bool}[dt] for name, dt in STEP_INPUTS.items()}
 STEP_DTYPES[SLIDING_MASK] = torch.bool
@@ -48,15 +50,34 @@ TORCH_OF_TRT = {
 
 
 @dataclass
+class Binding:
+    """An execution context and the state it is bound to: (key, buffers, KV-cache address)."""
+
+    context: Any
+    profile: int
+    state: tuple[Any, ...] | None = None
+
+
+@dataclass(eq=False)  # compared by identity: a binding remembers which buffers it points at
 class TrtBuffers:
-    """A key's static I/O: the step inputs, and outputs TensorRT writes into."""
+    """A key's static I/O (every tensor 256-byte aligned): the step inputs, and outputs TensorRT
+    writes into. `binding` is the key's own execution context when the key may be captured."""
 
     inputs: StaticInputs
     logits: torch.Tensor
     new_kv: list[torch.Tensor]
+    binding: Binding | None = None
 
 
-class TrtRunner(SlotCacheRunner):
+def _ok(call: Any, *args: Any) -> bool:
+    """A TensorRT setter's verdict: False, or the RuntimeError some Python bindings raise instead."""
+    try:
+        return bool(call(*args))
+    except RuntimeError:
+        return False
+
+
+class TrtRunner(StreamRunner):
     def __init__(
         self,
         plan_path: str | Path,
@@ -83,9 +104,6 @@ class TrtRunner(SlotCacheRunner):
         self.cuda_engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
         if self.cuda_engine is None:
             raise EngineFolderError(f"TensorRT could not load {plan_path} (see its log above); rebuild it with `{self._rebuild}`")
-        self.context = self.cuda_engine.create_execution_context()
-        if self.context is None:
-            raise MtadError(f"TensorRT could not create an execution context for {plan_path} (out of GPU memory?)")
         self.name = "trt"
         self.batch = batch
         self.plan = plan
@@ -96,16 +114,27 @@ class TrtRunner(SlotCacheRunner):
         kv_dtype = self._io[self.spec.kv_names[0][0]][1]
         self.spec = replace(self.spec, dtype=DTYPE_NAMES.get(kv_dtype, spec.dtype))  # a weakly typed build keeps fp32 I/O
         self.max_decode_tokens = int(plan["max_decode_tokens"])
+        problems = profile_problems(self.cuda_engine, plan.get("profiles", []), self.spec.input_names)
+        if problems:
+            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise EngineFolderError(
+                f"the manifest's optimization profiles for {plan_path} do not match the plan's own: "
+                f"{'; '.join(problems[:3])}{more}; rebuild it with `{self._rebuild}`"
+            )
         names = [p["name"] for p in plan["profiles"]]
         self._profiles = {n: names.index(n) for n in (PROFILE_PREFILL, PROFILE_DECODE)}
         self._profile_shapes = {p["name"]: p["shapes"] for p in plan["profiles"]}
-        self._active_profile: int | None = None
-        self._bound: tuple[Key, TrtBuffers] | None = None
-        self.cache = TorchKVCache(self.spec, batch, self.device, kv_dtype)
+        self.stream = runner_stream(self.device)  # every device op of this runner goes here (backends/device.py)
+        self._handle = int(self.stream.cuda_stream)
+        with on_stream(self.stream):
+            self.cache = TorchKVCache(self.spec, batch, self.device, kv_dtype)
+            self._scratch = self._device_memory()
+        self._eager: dict[int, Binding] = {}  # per profile: the context of steps that are never captured
+        self.contexts_created = 0
         if capturer is None and cuda_graphs and self.device.type == "cuda":
-            capturer = TorchCudaCapturer(self.device)
+            capturer = TorchCudaCapturer(self.device, stream=self.stream)
         self.runner: GraphRunner[TrtBuffers] = GraphRunner(capturer, self.max_decode_tokens, name="trt")
-        self.host = HostLogits(self.device, spec.vocab_size)
+        self.host = HostLogits(self.device, spec.vocab_size, self.stream)
         self._new_kv: list[torch.Tensor] = []
 
     @classmethod
@@ -142,73 +171,123 @@ class TrtRunner(SlotCacheRunner):
             )
         return io
 
-    # -- cache (bucket/reserve/reset/keep/move come from SlotCacheRunner) ----
+    def _device_memory(self) -> torch.Tensor | None:
+        """One scratch buffer of the engine's device-memory size (the most any profile needs),
+        shared by every context: they never run concurrently (one stream)."""
+        eng = self.cuda_engine
+        size = int(eng.device_memory_size_v2 if hasattr(eng, "device_memory_size_v2") else eng.device_memory_size)  # 10.0: no _v2
+        return aligned_zeros((size,), torch.uint8, self.device) if size > 0 else None
+
+    # -- cache (bucket/reserve/reset/keep/move come from StreamRunner, on self.stream) ----
     @property
     def graph_stats(self) -> dict[str, int]:
         return self.runner.stats
 
+    # -- execution contexts ------------------------------------------------------------------
+    def _new_context(self, profile: int) -> Any:
+        """A context on user-managed memory (the shared scratch buffer), switched to `profile`."""
+        ctx = self.cuda_engine.create_execution_context(self._trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if ctx is None:
+            raise MtadError("TensorRT could not create an execution context (see its log above)")
+        if self._scratch is not None:
+            ptr, size = self._scratch.data_ptr(), self._scratch.numel()
+            if hasattr(ctx, "set_device_memory"):  # TensorRT >= 10.1
+                ctx.set_device_memory(ptr, size)
+            else:
+                ctx.device_memory = ptr
+        if not _ok(ctx.set_optimization_profile_async, profile, self._handle):
+            raise MtadError(f"TensorRT refused to select optimization profile {profile} on a new execution context")
+        self.contexts_created += 1
+        return ctx
 
-    # -- step --------------------------------------------------------------------------------
-    def _stream(self) -> int:
-        return torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
-
-    def _alloc(self, key: Key) -> TrtBuffers:
-        b, t, k, _ = key
-        s = self.spec
-        kv_dtype = self._io[s.kv_names[0][1]][1]
-        return TrtBuffers(
-            inputs=StaticInputs.alloc(key, self.device, self.spec.has_sliding_layers),
-            logits=torch.empty((b, k, s.vocab_size), dtype=self._io[LOGITS][1], device=self.device),
-            new_kv=[
-                torch.empty((b, s.num_kv_heads, t, s.head_dim), dtype=kv_dtype, device=self.device)
-                for _ in range(2 * s.num_layers)
-            ],
-        )
-
-    def _bind(self, key: Key, bufs: TrtBuffers) -> None:
-        """Profile, shapes and addresses for this key: host-side context state, set outside any capture."""
-        if self._bound is not None and self._bound[0] == key and self._bound[1] is bufs:
-            return
-        ctx = self.context
+    def _context(self, key: Key, bufs: TrtBuffers) -> Any:
+        """The execution context for this step, bound to `bufs` and the cache views."""
         phase = PROFILE_DECODE if key[1] <= self.max_decode_tokens else PROFILE_PREFILL
         profile = self._profiles[phase]
-        if profile != self._active_profile:
-            if not ctx.set_optimization_profile_async(profile, self._stream()):
-                raise MtadError(f"TensorRT refused to switch to optimization profile {phase}")
-            self._active_profile = profile
+        kv = self.cache.views[0].data_ptr()  # every view is a prefix of one allocation's rows: fixed with this
+        if self.runner.keeps(key):  # a graph may bake this context in: bound once, never changed
+            b = bufs.binding
+            if b is None:
+                ctx = self._new_context(profile)
+                self._bind(ctx, phase, bufs)
+                b = bufs.binding = Binding(ctx, profile, (key, kv))
+            elif b.state != (key, kv):
+                raise MtadError(
+                    f"internal error: the KV cache of graph key {key} moved ({b.state} -> {(key, kv)}); "
+                    "its context and graph would point at freed memory"
+                )
+            return b.context
+        b = self._eager.get(profile)
+        if b is None:
+            b = self._eager[profile] = Binding(self._new_context(profile), profile)
+        state = (key, bufs, kv)
+        if b.state != state:  # never captured: rebinding is ordinary use of a context
+            b.state = None
+            self._bind(b.context, phase, bufs)
+            b.state = state
+        return b.context
+
+    def _bind(self, ctx: Any, phase: str, bufs: TrtBuffers) -> None:
+        """Input shapes, then the output shapes TensorRT infers compared with the buffers, then every address."""
+        rows = bufs.logits.shape[0]  # a step may use the first B rows of the cache (a contiguous prefix)
         inputs = list(zip(self.spec.step_names, bufs.inputs.tensors(), strict=True))
-        inputs += [(name, view[: key[0]]) for (name, _), view in zip(self.spec.kv_names, self.cache.views, strict=True)]
+        inputs += [(name, view[:rows]) for (name, _), view in zip(self.spec.kv_names, self.cache.views, strict=True)]
+        outputs = [(LOGITS, bufs.logits)]
+        outputs += [(name, t) for (_, name), t in zip(self.spec.kv_names, bufs.new_kv, strict=True)]
         for name, tensor in inputs:
-            if not ctx.set_input_shape(name, tuple(tensor.shape)):
+            if not _ok(ctx.set_input_shape, name, tuple(tensor.shape)):
                 lo, _, hi = self._profile_shapes[phase][name]
                 raise MtadError(
                     f"{name} shape {tuple(tensor.shape)} is outside the plan's {phase} profile (min {lo}, max {hi}); "
                     f"rebuild it with larger limits: `{self._rebuild}`, raising --max-prefill-tokens, "
                     "--max-decode-tokens or --max-batch"
                 )
-            ctx.set_tensor_address(name, tensor.data_ptr())
-        ctx.set_tensor_address(LOGITS, bufs.logits.data_ptr())
-        for (_, name), tensor in zip(self.spec.kv_names, bufs.new_kv, strict=True):
-            ctx.set_tensor_address(name, tensor.data_ptr())
-        self._bound = (key, bufs)
+        for name, tensor in outputs:
+            got = tuple(int(d) for d in ctx.get_tensor_shape(name))
+            if got != tuple(tensor.shape):
+                raise EngineFolderError(
+                    f"plan output {name} has shape {got} for this step where the manifest's graph contract gives "
+                    f"{tuple(tensor.shape)}: the plan and its manifest disagree; re-export the engine and rebuild "
+                    f"(`{self._rebuild}`)"
+                )
+        for name, tensor in inputs + outputs:
+            ptr = tensor.data_ptr()
+            if ptr % ALIGN_BYTES:
+                raise MtadError(f"{name} is at address {ptr:#x}, not {ALIGN_BYTES}-byte aligned as TensorRT requires")
+            if not _ok(ctx.set_tensor_address, name, ptr):
+                raise MtadError(f"TensorRT refused the address {ptr:#x} of {name}")
 
-    def _enqueue(self, bufs: TrtBuffers) -> TrtBuffers:
-        if not self.context.execute_async_v3(self._stream()):  # the capture stream, inside a capture
+    # -- step --------------------------------------------------------------------------------
+    def _alloc(self, key: Key) -> TrtBuffers:
+        b, t, k, _ = key
+        spec = self.spec
+        kv_dtype = self._io[spec.kv_names[0][1]][1]
+        return TrtBuffers(
+            inputs=StaticInputs.alloc(key, self.device, self.spec.has_sliding_layers, zeros=aligned_zeros),
+            logits=aligned_zeros((b, k, spec.vocab_size), self._io[LOGITS][1], self.device),
+            new_kv=[aligned_zeros((b, spec.num_kv_heads, t, spec.head_dim), kv_dtype, self.device)
+                    for _ in range(2 * spec.num_layers)],
+        )
+
+    def _enqueue(self, ctx: Any, bufs: TrtBuffers) -> TrtBuffers:
+        if not ctx.execute_async_v3(self._handle):  # the runner's stream, also the capture stream
             raise MtadError("TensorRT execute_async_v3 failed (see the TensorRT log above)")
         return bufs
 
     def step(self, inputs: StepInputs) -> np.ndarray:
         key = check_step(inputs, self.batch, self.cache.size, self.spec)
-        bufs = self.runner.buffers(key, lambda: self._alloc(key))
-        bufs.inputs.load(inputs)
-        self._bind(key, bufs)
-        self.runner.run(key, lambda: self._enqueue(bufs))
-        self._new_kv = bufs.new_kv
-        return self.host.fetch(bufs.logits)
+        with on_stream(self.stream):
+            bufs = self.runner.buffers(key, lambda: self._alloc(key))
+            bufs.inputs.load(inputs)
+            ctx = self._context(key, bufs)
+            self.runner.run(key, lambda: self._enqueue(ctx, bufs))
+            self._new_kv = bufs.new_kv
+            return self.host.fetch(bufs.logits)
 
     def close(self) -> None:
+        self.stream.synchronize()
         self.runner.clear()
-        self._bound = None
+        self._eager.clear()
         self._new_kv = []
-        self.context = None
+        self._scratch = None
         self.cuda_engine = None

@@ -58,6 +58,7 @@ def rebuild_command(plan: dict[str, Any], folder: str | Path = "ENGINE_FOLDER") 
         ("max_seq_len", "--max-seq-len"),
         ("max_decode_tokens", "--max-decode-tokens"),
         ("max_prefill_tokens", "--max-prefill-tokens"),
+        ("decode_opt_tokens", "--decode-opt-tokens"),
     ):
         if plan.get(key) is not None:
             parts += [flag, str(plan[key])]
@@ -86,6 +87,27 @@ def check_plan_compat(
         f"plan {plan.get('path', '?')} was built for {' and '.join(problems)}; "
         f"rebuild it here with `{rebuild_command(plan, folder)}`"
     )
+
+
+def profile_problems(engine: Any, profiles: list[dict[str, Any]], inputs: list[str]) -> list[str]:
+    """How the manifest's profile list differs from the plan's own profiles (empty: they agree).
+
+    Compares the count, that the runtime's profiles are all named, and for every profile index
+    and input the [min, opt, max] shapes the manifest records with `get_tensor_profile_shape`.
+    """
+    names = [p.get("name") for p in profiles]
+    problems = [f"the manifest lists no '{n}' profile" for n in (PROFILE_PREFILL, PROFILE_DECODE) if n not in names]
+    count = int(engine.num_optimization_profiles)
+    if count != len(profiles):
+        problems.append(f"the plan has {count} optimization profiles, the manifest lists {len(profiles)} ({', '.join(map(str, names))})")
+    for i, prof in enumerate(profiles[:count]):
+        shapes = prof.get("shapes", {})
+        for name in inputs:
+            got = [[int(d) for d in dims] for dims in engine.get_tensor_profile_shape(name, i)]
+            want = shapes.get(name)
+            if want is None or [list(map(int, w)) for w in want] != got:
+                problems.append(f"profile {i} ({prof.get('name')}) {name}: plan [min, opt, max] {got}, manifest {want}")
+    return problems
 
 
 def select_plan(
