@@ -33,7 +33,7 @@ def export_onnx(
     model: torch.nn.Module, spec: ModelSpec, out_path: Path, opset: int = 18, attention: str = "grouped"
 ) -> None:
     dtype = TORCH_DTYPES[spec.dtype]
-    wrapper = ContractWrapper(model, attention).eval()
+    wrapper = ContractWrapper(model, attention, topk=spec.topk_head).eval()
     args = example_inputs(spec, dtype)
     B, T, S, K = (torch.export.Dim(n, min=1) for n in ("B", "T", "S", "K"))
     if wrapper.sliding != spec.has_sliding_layers:

@@ -27,6 +27,7 @@ from mtad_trt.export.parity import check_parity, reference_cases
 from mtad_trt.manifest import Manifest, RoleEntry, sha256_file
 
 Progress = Callable[[str], None]
+DEFAULT_TOPK_HEAD = 64  # top-k head width: covers the paper's top-k 10 and beams up to 64 (0 = no head)
 log = logging.getLogger("mtad_trt.export")
 
 
@@ -58,6 +59,7 @@ def export_role(
     block_size: int = 128,
     quantize_lm_head: bool = True,
     attention: str = "grouped",
+    topk_head: int = DEFAULT_TOPK_HEAD,
 ) -> RoleEntry:
     from mtad_trt.backends.ort import OrtRunner
 
@@ -65,6 +67,7 @@ def export_role(
     say(f"{role}: loading {src.path}")
     model = sources.load_model(src, dtype)
     spec = spec_from_model(model, dtype, max_seq_len)
+    spec.topk_head = min(topk_head, spec.vocab_size)
     final_path = folder / role / "model.onnx"
     onnx_path = final_path if quant == "none" else folder / role / "float" / "model.onnx"
     say(f"{role}: exporting {spec.architecture} ({spec.num_layers} layers, vocab {spec.vocab_size}) to ONNX")
@@ -140,6 +143,7 @@ def export_pair(
     block_size: int = 128,
     quantize_lm_head: bool = True,
     attention: str = "grouped",
+    topk_head: int = DEFAULT_TOPK_HEAD,
 ) -> Manifest:
     """Export `draft` (optional) and `target` into the engine folder `out`.
 
@@ -178,6 +182,7 @@ def export_pair(
                     srcs[role], tmp, role, dtype, max_seq_len, opset, say,
                     quant=quantize.get(role, "none"), tokenizer=toks[role],
                     block_size=block_size, quantize_lm_head=quantize_lm_head, attention=attention,
+                    topk_head=topk_head,
                 )
         eos = tok.eos_token_id
         manifest = Manifest(
@@ -187,7 +192,7 @@ def export_pair(
             pad_token_id=tok.pad_token_id,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             export_settings={"dtype": dtype, "opset": opset, "max_seq_len": max_seq_len, "quantize": quantize,
-                             "block_size": block_size, "attention": attention},
+                             "block_size": block_size, "attention": attention, "topk_head": topk_head},
         )
         manifest.save(tmp)
         if out.exists():

@@ -61,8 +61,16 @@ def check_parity(cases: dict, engine: ModelRunner, tolerance: float | None = Non
     diffs["decode"] = worst
 
     start = len(prompt) + len(singles)
-    got = seq.forward(chunk, logits_rows=range(len(chunk)))
+    out = seq.step(chunk, logits_rows=range(len(chunk)))
+    got = out.logits[0]
     diffs["chunk"] = float(np.abs(got - ref[start : start + len(chunk)]).max())
+    if out.top is not None:  # the top-k head must be the top-k of the graph's own logits
+        values, indices, lse = (a[0] for a in out.top)
+        want = np.take_along_axis(got, indices, -1)
+        m = got.max(-1, keepdims=True)
+        diffs["topk_head"] = max(float(np.abs(values - want).max()),
+                                 float(np.abs(np.sort(got, -1)[:, ::-1][:, : values.shape[-1]] - values).max()),
+                                 float(np.abs(lse - (m[:, 0] + np.log(np.exp(got - m).sum(-1)))).max()))
     seq.commit_chain(len(chunk))
 
     # Tree: two roots a, b (siblings share a position), each with one child.

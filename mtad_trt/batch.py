@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mtad_trt.contract import StepInputs
+from mtad_trt.contract import RowLogits, StepInputs, as_step_out
 from mtad_trt.decoders.base import Call
 from mtad_trt.errors import CapacityError
 from mtad_trt.rows import Row, fill_row
@@ -31,7 +31,7 @@ def row_buckets(max_rows: int) -> list[int]:
 
 
 class Batcher:
-    """Runs one runner's share of a phase: `run([(row, call), ...])` -> each call's logits [K, V]."""
+    """Runs one runner's share of a phase: `run([(row, call), ...])` -> each call's logits rows."""
 
     def __init__(self, runner: ModelRunner, max_rows: int) -> None:
         self.runner = runner
@@ -44,7 +44,7 @@ class Batcher:
     def rows_for(self, highest: int) -> int:
         return next(b for b in self.buckets if b > highest)
 
-    def run(self, calls: Sequence[tuple[Row, Call]]) -> list[np.ndarray]:
+    def run(self, calls: Sequence[tuple[Row, Call]]) -> list[RowLogits]:
         cap = self.runner.spec.max_seq_len
         need = 0
         for row, call in calls:
@@ -60,8 +60,8 @@ class Batcher:
         _pad(inp, s, t)
         for row, call in calls:
             fill_row(inp, row.row, row.n, call.tokens, call.parents, call.cache_ancestors, call.rows)
-        logits = self.runner.step(inp)
-        return [logits[row.row, : len(call.rows)] for row, call in calls]
+        out = as_step_out(self.runner.step(inp), self.runner.spec.vocab_size)
+        return [out.row(row.row, len(call.rows)) for row, call in calls]
 
 
 def _pad(inp: StepInputs, s: int, t: int) -> None:

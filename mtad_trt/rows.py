@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mtad_trt.contract import StepInputs
+from mtad_trt.contract import StepInputs, StepOut, as_step_out
 from mtad_trt.errors import CapacityError
 from mtad_trt.runner import ModelRunner, ShapeCache
 
@@ -100,15 +100,20 @@ class Row:
         """The most cache slots this row may ever use."""
         return self.runner.spec.max_seq_len
 
-    def forward(
+    def forward(self, *args, **kwargs) -> np.ndarray:
+        """Run one step (arguments as `step`); returns float32 logits [K, V] for `logits_rows`."""
+        return self.step(*args, **kwargs).logits[0]
+
+    def step(
         self,
         tokens: Sequence[int] | np.ndarray,
         parents: Sequence[int] | None = None,
         logits_rows: Sequence[int] | None = None,
         cache_ancestors: Sequence[Sequence[int]] | None = None,
         slots: int = 0,
-    ) -> np.ndarray:
-        """Run one step; returns float32 logits [K, V] for `logits_rows` (default: the last token).
+    ) -> StepOut:
+        """Run one one-row step; returns what the runner returned (logits rows `logits_rows`,
+        default the last token, and the top-k head when the graph has one).
 
         parents=None means a causal chain. `slots` is how many cache slots will be in use after
         this step's `keep` when that is more than n + T (draft tree nodes in scratch slots): they
@@ -122,7 +127,7 @@ class Row:
         s = self.runner.reserve(need)
         inp = self._bufs.get((t, len(rows), s))
         fill_row(inp, 0, self.n, tokens, parents, cache_ancestors, rows)
-        return self.runner.step(inp)[0]
+        return as_step_out(self.runner.step(inp), self.runner.spec.vocab_size)
 
     def keep(self, src: Sequence[int] | np.ndarray, dst: Sequence[int] | np.ndarray) -> None:
         """Write the last step's new K/V rows `src` into slots `dst`."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -88,3 +89,55 @@ def test_cancel_midway_then_reuse(pair_pipeline):
     ref = pair_pipeline.generate("x = 1", decoder="ar", temperature=0, max_new_tokens=10)
     again = pair_pipeline.generate("x = 1", decoder="mtad", temperature=0, max_new_tokens=10)
     assert again.token_ids == ref.token_ids
+
+
+@pytest.fixture(scope="module")
+def headless_pipeline(tiny_dir, qwen_draft, qwen_target):
+    """The same pair exported without the top-k head: the full-logits path (what old folders use)."""
+    from mtad_trt import Pipeline
+    from mtad_trt.export.pair import export_pair
+
+    out = tiny_dir / "engines" / "pair-headless"
+    if not out.exists():
+        export_pair(str(qwen_draft), str(qwen_target), out, max_seq_len=256, topk_head=0)
+    with Pipeline.load(out, backend="ort") as pipe:
+        yield pipe
+
+
+@pytest.mark.parametrize("decoder", ["ar", "sps", "mtad", "mmtad"])
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0, top_k=10, top_p=0.9, seed=3),
+                                      dict(temperature=0.7, top_k=40, top_p=1.0, seed=5)])
+def test_topk_head_gives_the_full_logits_tokens(pair_pipeline, headless_pipeline, decoder, sampling):
+    """With the head, top-k sampling, greedy and greedy beam ranking never read the full logits;
+    the tokens must be those of the full-logits path, seed for seed."""
+    assert pair_pipeline.target.spec.topk_head == 64 and headless_pipeline.target.spec.topk_head == 0
+    for prompt in PROMPTS[:2]:
+        a = pair_pipeline.generate(prompt, decoder=decoder, max_new_tokens=30, ignore_eos=True, gamma=3,
+                                   beam_width=3, **sampling)
+        b = headless_pipeline.generate(prompt, decoder=decoder, max_new_tokens=30, ignore_eos=True, gamma=3,
+                                       beam_width=3, **sampling)
+        assert a.token_ids == b.token_ids
+
+
+def test_topk_head_is_not_used_beyond_its_width(pair_pipeline, monkeypatch):
+    """top_k above the head's width (or 0) must read the full logits: poisoning the head must not matter."""
+    from mtad_trt.contract import StepOut
+
+    ref = pair_pipeline.generate("def fib(n):", decoder="sps", temperature=1.0, top_k=0, top_p=0.9, seed=1,
+                                 max_new_tokens=20, ignore_eos=True)
+    real = StepOut.__init__
+
+    def poisoned(self, logits=None, fetch=None, top=None, vocab=0):
+        if top is not None:
+            top = tuple(np.full_like(a, 0) for a in top)
+        real(self, logits, fetch, top, vocab)
+
+    monkeypatch.setattr(StepOut, "__init__", poisoned)
+    out = pair_pipeline.generate("def fib(n):", decoder="sps", temperature=1.0, top_k=0, top_p=0.9, seed=1,
+                                 max_new_tokens=20, ignore_eos=True)
+    assert out.token_ids == ref.token_ids
+    wide = pair_pipeline.generate("def fib(n):", decoder="ar", temperature=1.0, top_k=100, top_p=1.0, seed=1,
+                                  max_new_tokens=20, ignore_eos=True)
+    monkeypatch.undo()
+    assert wide.token_ids == pair_pipeline.generate("def fib(n):", decoder="ar", temperature=1.0, top_k=100, top_p=1.0,
+                                                    seed=1, max_new_tokens=20, ignore_eos=True).token_ids

@@ -161,8 +161,9 @@ def test_p8_tree_accepts_at_least_the_chain():
         # target distributions along the chain and at every node (bigram: depends on the token only)
         chain_p = process(ttab[np.concatenate([[PROMPT[-1]], block])], sp)
         n_chain = accept_chain(chain_p, block, tree.score[np.arange(4), path], math.log(0.5))
-        p_nodes = process(ttab[tree.tokens], sp)
-        n_tree, j = accept_tree(process(ttab[PROMPT[-1]], sp), p_nodes, tree, math.log(0.5))
+        # rows: the root, then node (d, j) at 1 + d*B + j (bigram: a node's next law is its token's)
+        probs = process(ttab[np.concatenate([[PROMPT[-1]], tree.tokens.ravel()])], sp)
+        n_tree, j = accept_tree(probs, tree, math.log(0.5))
         assert n_tree >= n_chain
         if n_tree:
             assert 0 <= j < 3

@@ -25,7 +25,7 @@ def test_engine_folder_contract(pair_engine):
     for _role, entry in m.roles.items():
         assert (pair_engine / entry.onnx).is_file()
         assert entry.parity["passed"] and entry.parity["worst"] <= 1e-4
-        assert set(entry.parity["max_abs_diff"]) == {"prefill", "decode", "chunk", "tree"}
+        assert set(entry.parity["max_abs_diff"]) == {"prefill", "decode", "chunk", "tree", "topk_head"}
         assert len(entry.onnx_sha256) == 64
         graph = onnx.load(str(pair_engine / entry.onnx), load_external_data=False)
         names = [i.name for i in graph.graph.input]
@@ -33,6 +33,8 @@ def test_engine_folder_contract(pair_engine):
         dims = [d.dim_param for d in graph.graph.input[2].type.tensor_type.shape.dim]
         assert dims == ["B", "", "T", "S+T"]
         assert any(o.name == "new_key_values.0.key" for o in graph.graph.output)
+        outputs = [o.name for o in graph.graph.output]
+        assert outputs[:4] == ["logits", "topk_values", "topk_indices", "logsumexp"] and entry.spec.topk_head == 64
     assert (pair_engine / "tokenizer" / "tokenizer.json").is_file()
     assert m.roles["draft"].spec.num_layers == 1 and m.roles["target"].spec.num_layers == 2
     assert json.loads((pair_engine / "manifest.json").read_text())["format_version"] == 1

@@ -99,7 +99,8 @@ class StreamRunner(SlotCacheRunner):
 
 
 class HostLogits:
-    """Reused host buffers per (B, K) for the float32 logits a step returns (pinned on CUDA).
+    """Reused host buffers per shape and dtype for what a step returns to the host (pinned on CUDA):
+    the float32 logits, and the small top-k head outputs.
 
     The copy is queued on `stream` (the runner's) and that stream is synchronised: the decoders
     sample on the host right after.
@@ -110,18 +111,22 @@ class HostLogits:
         self.stream = stream if stream is not None else runner_stream(device)
         pinned = device.type == "cuda"
 
-        def make(key: tuple[int, int]) -> tuple[torch.Tensor, np.ndarray]:
-            host = torch.empty((*key, vocab), dtype=torch.float32, pin_memory=pinned)
+        def make(key: tuple) -> tuple[torch.Tensor, np.ndarray]:
+            shape, dtype = key
+            host = torch.empty(shape, dtype=dtype, pin_memory=pinned)
             return host, host.numpy()
 
-        self._bufs: ShapeCache[tuple[int, int], tuple[torch.Tensor, np.ndarray]] = ShapeCache(make)
+        self._bufs: ShapeCache[tuple, tuple[torch.Tensor, np.ndarray]] = ShapeCache(make)
 
-    def fetch(self, logits: torch.Tensor) -> np.ndarray:
-        host, arr = self._bufs.get((logits.shape[0], logits.shape[1]))
+    def fetch(self, *tensors: torch.Tensor) -> np.ndarray | tuple[np.ndarray, ...]:
+        pairs = [self._bufs.get((tuple(t.shape), t.dtype)) for t in tensors]
         if self.device.type == "cuda":
             with on_stream(self.stream):
-                host.copy_(logits, non_blocking=True)
+                for (host, _), t in zip(pairs, tensors, strict=True):
+                    host.copy_(t, non_blocking=True)
             self.stream.synchronize()  # the decoders sample on the host now
         else:
-            host.copy_(logits)
-        return arr
+            for (host, _), t in zip(pairs, tensors, strict=True):
+                host.copy_(t)
+        arrays = tuple(arr for _, arr in pairs)
+        return arrays[0] if len(arrays) == 1 else arrays

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mtad_trt.contract import LOGITS, ModelSpec, StepInputs, check_step
+from mtad_trt.contract import HEAD_OUTPUTS, LOGITS, ModelSpec, StepInputs, StepOut, check_step
 from mtad_trt.errors import EngineFolderError
 from mtad_trt.kvcache import NP_DTYPES, HostKVCache
 from mtad_trt.runner import ShapeCache, SlotCacheRunner
@@ -42,29 +42,33 @@ class OrtRunner(SlotCacheRunner):
         self.cache = HostKVCache(spec, batch=batch)
         self.batch = batch
         self._dtype = NP_DTYPES[spec.dtype]
-        self._out: ShapeCache[tuple[int, int, int], tuple[np.ndarray, list[np.ndarray]]] = ShapeCache(self._alloc)
+        self._out: ShapeCache[tuple[int, int, int], tuple] = ShapeCache(self._alloc)
         self._new_kv: list[np.ndarray] = []
         self._binding = self.session.io_binding()
-        names = {i.name for i in self.session.get_inputs()}
-        want = set(spec.input_names)
+        names = {i.name for i in self.session.get_inputs()} | {o.name for o in self.session.get_outputs()}
+        want = set(spec.input_names) | set(spec.output_names)
         if names != want:
             missing, extra = sorted(want - names), sorted(names - want)
             raise EngineFolderError(
                 f"{onnx_path} does not follow the graph contract of its manifest "
-                f"(missing inputs {missing or 'none'}, unexpected {extra or 'none'}): re-export the engine"
+                f"(missing {missing or 'none'}, unexpected {extra or 'none'}): re-export the engine"
             )
 
     # -- step --------------------------------------------------------------------------------
-    def _alloc(self, key: tuple[int, int, int]) -> tuple[np.ndarray, list[np.ndarray]]:
+    def _alloc(self, key: tuple[int, int, int]) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
         b, t, k = key
         s = self.spec
         logits = np.empty((b, k, s.vocab_size), np.float32)
+        head = []
+        if s.topk_head:
+            head = [np.empty((b, k, s.topk_head), np.float32), np.empty((b, k, s.topk_head), np.int64),
+                    np.empty((b, k), np.float32)]
         kv = [np.empty((b, s.num_kv_heads, t, s.head_dim), self._dtype) for _ in range(2 * s.num_layers)]
-        return logits, kv
+        return logits, head, kv
 
-    def step(self, inputs: StepInputs) -> np.ndarray:
+    def step(self, inputs: StepInputs) -> StepOut:
         b, t, k, _ = check_step(inputs, self.batch, self.cache.size, self.spec)
-        logits, new_kv = self._out.get((b, t, k))
+        logits, head, new_kv = self._out.get((b, t, k))
         bind = self._binding
         bind.clear_binding_inputs()
         bind.clear_binding_outputs()
@@ -77,9 +81,11 @@ class OrtRunner(SlotCacheRunner):
             bind.bind_input(in_name, "cpu", 0, cache.dtype, cache.shape, cache.ctypes.data)
             bind.bind_output(out_name, "cpu", 0, new.dtype, new.shape, new.ctypes.data)
         bind.bind_output(LOGITS, "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
+        for name, arr in zip(HEAD_OUTPUTS, head, strict=False):
+            bind.bind_output(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
         self.session.run_with_iobinding(bind)
         self._new_kv = new_kv
-        return logits
+        return StepOut(logits, top=tuple(head) if head else None, vocab=self.spec.vocab_size)
 
     def close(self) -> None:
         self._binding = None

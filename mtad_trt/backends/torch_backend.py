@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from mtad_trt.backends.device import (
@@ -22,7 +21,7 @@ from mtad_trt.backends.device import (
     runtime_dtype,
     torch_device,
 )
-from mtad_trt.contract import ModelSpec, StepInputs, check_model, check_step
+from mtad_trt.contract import ModelSpec, StepInputs, StepOut, check_model, check_step
 from mtad_trt.cuda_graphs import Capturer, GraphRunner, StaticInputs, TorchCudaCapturer
 from mtad_trt.errors import EngineFolderError
 from mtad_trt.kvcache import TorchKVCache
@@ -55,7 +54,7 @@ class TorchRunner(StreamRunner):
         self.device = dev
         self.name = f"torch-{dev.type}"
         self.batch = batch
-        self.wrapper = ContractWrapper(model.to(device=dev, dtype=torch_dtype)).eval()
+        self.wrapper = ContractWrapper(model.to(device=dev, dtype=torch_dtype), topk=spec.topk_head).eval()
         self.stream = runner_stream(dev)  # every device op of this runner goes here (backends/device.py)
         if dev.type == "cuda":
             self.stream.wait_stream(torch.cuda.current_stream(dev))  # the weights were moved on the caller's stream
@@ -95,7 +94,7 @@ class TorchRunner(StreamRunner):
 
 
     # -- step --------------------------------------------------------------------------------
-    def step(self, inputs: StepInputs) -> np.ndarray:
+    def step(self, inputs: StepInputs) -> StepOut:
         key = check_step(inputs, self.batch, self.cache.size, self.spec)
         sliding = self.spec.has_sliding_layers
         views = [v[: key[0]] for v in self.cache.views]  # the first B rows: a contiguous prefix
@@ -107,9 +106,11 @@ class TorchRunner(StreamRunner):
             def forward() -> tuple[torch.Tensor, ...]:
                 return self.wrapper(*bufs.tensors(), *views)
 
-            logits, *new_kv = self.runner.run(key, forward)
-            self._new_kv = new_kv
-            return self.host.fetch(logits)
+            logits, *rest = self.runner.run(key, forward)
+            n_head = 3 if self.spec.topk_head else 0
+            head, self._new_kv = rest[:n_head], rest[n_head:]
+            top = self.host.fetch(*head) if head else None  # small: fetched now; the logits only if read
+            return StepOut(fetch=lambda: self.host.fetch(logits), top=top, vocab=self.spec.vocab_size)
 
     def close(self) -> None:
         self.runner.clear()

@@ -10,7 +10,7 @@ on, with sources, are in docs/gpu.md.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,20 @@ from mtad_trt.backends.trt_plans import (
     rebuild_command,
     select_plan,
 )
-from mtad_trt.contract import LOGITS, SLIDING_MASK, STEP_INPUTS, Key, ModelSpec, StepInputs, check_step
+from mtad_trt.contract import (
+    HEAD_OUTPUTS,
+    LOGITS,
+    LOGSUMEXP,
+    SLIDING_MASK,
+    STEP_INPUTS,
+    TOPK_INDICES,
+    TOPK_VALUES,
+    Key,
+    ModelSpec,
+    StepInputs,
+    StepOut,
+    check_step,
+)
 from mtad_trt.cuda_graphs import Capturer, GraphRunner, StaticInputs, TorchCudaCapturer
 from mtad_trt.errors import BackendUnavailable, EngineFolderError, MtadError
 from mtad_trt.kvcache import ALIGN_BYTES, TorchKVCache, aligned_zeros
@@ -66,6 +79,7 @@ class TrtBuffers:
     inputs: StaticInputs
     logits: torch.Tensor
     new_kv: list[torch.Tensor]
+    head: list[torch.Tensor] = field(default_factory=list)  # top-k values, indices, logsumexp (graphs with a head)
     binding: Binding | None = None
 
 
@@ -161,6 +175,9 @@ class TrtRunner(StreamRunner):
             io[name] = (eng.get_tensor_mode(name) == trt.TensorIOMode.INPUT, TORCH_OF_TRT[dt.name])
         want = {n: (True, STEP_DTYPES[n]) for n in self.spec.step_names}
         want[LOGITS] = (False, torch.float32)
+        if self.spec.topk_head:
+            want.update({TOPK_VALUES: (False, torch.float32), TOPK_INDICES: (False, torch.int64),
+                         LOGSUMEXP: (False, torch.float32)})
         problems = [f"{n} ({'input' if inp else 'output'} {dt})" for n, (inp, dt) in want.items() if io.get(n) != (inp, dt)]
         for past, new in self.spec.kv_names:
             if not io.get(past, (False,))[0] or io.get(new, (True,))[0]:
@@ -232,7 +249,7 @@ class TrtRunner(StreamRunner):
         rows = bufs.logits.shape[0]  # a step may use the first B rows of the cache (a contiguous prefix)
         inputs = list(zip(self.spec.step_names, bufs.inputs.tensors(), strict=True))
         inputs += [(name, view[:rows]) for (name, _), view in zip(self.spec.kv_names, self.cache.views, strict=True)]
-        outputs = [(LOGITS, bufs.logits)]
+        outputs = [(LOGITS, bufs.logits), *zip(HEAD_OUTPUTS, bufs.head, strict=False)]
         outputs += [(name, t) for (_, name), t in zip(self.spec.kv_names, bufs.new_kv, strict=True)]
         for name, tensor in inputs:
             if not _ok(ctx.set_input_shape, name, tuple(tensor.shape)):
@@ -267,6 +284,9 @@ class TrtRunner(StreamRunner):
             logits=aligned_zeros((b, k, spec.vocab_size), self._io[LOGITS][1], self.device),
             new_kv=[aligned_zeros((b, spec.num_kv_heads, t, spec.head_dim), kv_dtype, self.device)
                     for _ in range(2 * spec.num_layers)],
+            head=[aligned_zeros(shape, dtype, self.device) for shape, dtype in (
+                ((b, k, spec.topk_head), torch.float32), ((b, k, spec.topk_head), torch.int64), ((b, k), torch.float32))]
+            if spec.topk_head else [],
         )
 
     def _enqueue(self, ctx: Any, bufs: TrtBuffers) -> TrtBuffers:
@@ -274,7 +294,7 @@ class TrtRunner(StreamRunner):
             raise MtadError("TensorRT execute_async_v3 failed (see the TensorRT log above)")
         return bufs
 
-    def step(self, inputs: StepInputs) -> np.ndarray:
+    def step(self, inputs: StepInputs) -> StepOut:
         key = check_step(inputs, self.batch, self.cache.size, self.spec)
         with on_stream(self.stream):
             bufs = self.runner.buffers(key, lambda: self._alloc(key))
@@ -282,7 +302,8 @@ class TrtRunner(StreamRunner):
             ctx = self._context(key, bufs)
             self.runner.run(key, lambda: self._enqueue(ctx, bufs))
             self._new_kv = bufs.new_kv
-            return self.host.fetch(bufs.logits)
+            top = self.host.fetch(*bufs.head) if bufs.head else None  # small: now; the logits only if read
+            return StepOut(fetch=lambda: self.host.fetch(bufs.logits), top=top, vocab=self.spec.vocab_size)
 
     def close(self) -> None:
         self.stream.synchronize()

@@ -25,6 +25,12 @@ STEP_INPUTS: dict[str, type] = {
 SLIDING_MASK = "sliding_attention_mask"  # bool [B, 1, T, S+T]: attention_mask within the window; only
 # in graphs with sliding-window layers (ModelSpec.sliding_window), right after attention_mask
 LOGITS = "logits"  # float32 [B, K, V]
+# The optional top-k head (ModelSpec.topk_head = H > 0): what sampling with top-k <= H, greedy
+# decoding and greedy beam ranking need, so the full logits need not leave the device.
+TOPK_VALUES = "topk_values"  # float32 [B, K, H], descending
+TOPK_INDICES = "topk_indices"  # int64 [B, K, H]
+LOGSUMEXP = "logsumexp"  # float32 [B, K]: the full-softmax normaliser
+HEAD_OUTPUTS = (TOPK_VALUES, TOPK_INDICES, LOGSUMEXP)
 DTYPES = ("float32", "float16", "bfloat16")  # graph / KV-cache dtypes
 
 
@@ -49,6 +55,7 @@ class ModelSpec:
     architecture: str = ""
     sliding_window: int | None = None  # W: a sliding layer's query at position p sees keys at p-W+1..p
     layer_types: list[str] | None = None  # per layer "full_attention" | "sliding_attention" (None: all full)
+    topk_head: int = 0  # H: the graph also returns each logits row's top-H values/indices + logsumexp
 
     @property
     def has_sliding_layers(self) -> bool:
@@ -73,7 +80,8 @@ class ModelSpec:
 
     @property
     def output_names(self) -> list[str]:
-        return [LOGITS, *(n for _, n in self.kv_names)]
+        head = list(HEAD_OUTPUTS) if self.topk_head else []
+        return [LOGITS, *head, *(n for _, n in self.kv_names)]
 
     def io_dims(self) -> dict[str, list[str | int]]:
         """Every graph tensor's dimensions: named dynamic axes (B, T, S, K, S+T) or fixed sizes."""
@@ -84,6 +92,9 @@ class ModelSpec:
             SLIDING_MASK: ["B", 1, "T", "S+T"],
             "logits_index": ["B", "K"],
             LOGITS: ["B", "K", self.vocab_size],
+            TOPK_VALUES: ["B", "K", self.topk_head],
+            TOPK_INDICES: ["B", "K", self.topk_head],
+            LOGSUMEXP: ["B", "K"],
         }
         for past, new in self.kv_names:
             dims[past] = ["B", self.num_kv_heads, "S", self.head_dim]
@@ -171,6 +182,69 @@ class StepInputs:
         if self.sliding_mask is None:
             return (self.input_ids, self.position_ids, self.attention_mask, self.logits_index)
         return (self.input_ids, self.position_ids, self.attention_mask, self.sliding_mask, self.logits_index)
+
+
+class TopK:
+    """Top-k head outputs of some logits rows: values [N, H] (descending), indices [N, H], lse [N]."""
+
+    __slots__ = ("values", "indices", "lse", "vocab")
+
+    def __init__(self, values: np.ndarray, indices: np.ndarray, lse: np.ndarray, vocab: int) -> None:
+        self.values, self.indices, self.lse, self.vocab = values, indices, lse, vocab
+
+
+class StepOut:
+    """What a step returns: the logits [B, K, V] (fetched from a device only when read) and, for a
+    graph with a top-k head, the head's outputs [B, K, ...]."""
+
+    __slots__ = ("_logits", "_fetch", "top", "vocab")
+
+    def __init__(self, logits: np.ndarray | None = None, fetch: Any = None,
+                 top: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None, vocab: int = 0) -> None:
+        self._logits, self._fetch, self.top, self.vocab = logits, fetch, top, vocab
+
+    @property
+    def logits(self) -> np.ndarray:
+        if self._logits is None:
+            self._logits = self._fetch()
+        return self._logits
+
+    def row(self, r: int, k: int) -> RowLogits:
+        return RowLogits(self, r, slice(0, k))
+
+
+class RowLogits:
+    """The logits rows one request asked for in a step: `full` [n, V] (read lazily) and `top` (the
+    head's TopK, or None). Indexing picks rows: `lg[0]`, `lg[-1]`."""
+
+    __slots__ = ("out", "r", "sel")
+
+    def __init__(self, out: StepOut, r: int, sel: slice | list[int]) -> None:
+        self.out, self.r, self.sel = out, r, sel
+
+    @property
+    def full(self) -> np.ndarray:
+        return self.out.logits[self.r, self.sel]
+
+    @property
+    def top(self) -> TopK | None:
+        if self.out.top is None:
+            return None
+        v, i, lse = self.out.top
+        return TopK(v[self.r, self.sel], i[self.r, self.sel], lse[self.r, self.sel], self.out.vocab)
+
+    def __len__(self) -> int:
+        s = self.sel
+        return len(range(*s.indices(10**9))) if isinstance(s, slice) else len(s)
+
+    def __getitem__(self, i: int) -> RowLogits:
+        rows = range(*self.sel.indices(10**9)) if isinstance(self.sel, slice) else self.sel
+        return RowLogits(self.out, self.r, [list(rows)[i]])
+
+
+def as_step_out(x: Any, vocab: int = 0) -> StepOut:
+    """A runner's step result as a StepOut (runners without a head may return the logits array)."""
+    return x if isinstance(x, StepOut) else StepOut(np.asarray(x), vocab=vocab)
 
 
 Key = tuple[int, int, int, int]  # (B, T, K, S): batch rows, new tokens, logits rows, cache bucket

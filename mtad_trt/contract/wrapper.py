@@ -61,9 +61,9 @@ def _cache_keyword(model: nn.Module) -> str:
 
 class ContractWrapper(nn.Module):
     """attention="grouped" (default) folds query heads onto KV heads; "eager" is transformers' own
-    repeat_kv formulation, kept to measure the difference."""
+    repeat_kv formulation, kept to measure the difference. topk > 0 adds the top-k head outputs."""
 
-    def __init__(self, model: nn.Module, attention: str = "grouped") -> None:
+    def __init__(self, model: nn.Module, attention: str = "grouped", topk: int = 0) -> None:
         super().__init__()
         if attention not in ("grouped", "eager"):
             raise ValueError(f"attention must be 'grouped' or 'eager', not {attention!r}")
@@ -80,6 +80,7 @@ class ContractWrapper(nn.Module):
         # Qwen2 / Gemma take {layer type: mask}; Mistral / Phi-3 (every layer sliding) take one mask.
         self.masks_by_type = getattr(cfg, "layer_types", None) is not None
         self.final_softcap = getattr(cfg, "final_logit_softcapping", None)  # applied in *ForCausalLM.forward
+        self.topk = topk  # > 0: also return the top-k head (values, indices, logsumexp) of every logits row
 
     def _additive(self, mask: torch.Tensor) -> torch.Tensor:
         # Eager attention *adds* the mask: use finfo.min, not -inf (an all -inf row would be NaN).
@@ -116,8 +117,12 @@ class ContractWrapper(nn.Module):
         logits = self.lm_head(picked).float()
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        head = ()
+        if self.topk:
+            values, indices = torch.topk(logits, self.topk, dim=-1)  # sorted, largest first
+            head = (values, indices, torch.logsumexp(logits, dim=-1))
         new = []
         for layer in cache.layers:
             new.append(layer.keys[:, :, -t:, :])
             new.append(layer.values[:, :, -t:, :])
-        return (logits, *new)
+        return (logits, *head, *new)

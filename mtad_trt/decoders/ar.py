@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mtad_trt.decoders.base import Call, Decoder, DecodeState, prefill
-from mtad_trt.sampling import process, sample
+from mtad_trt.sampling import process
 
 
 def decode_ar(st: DecodeState) -> Decoder:
@@ -22,6 +22,6 @@ def target_step(st: DecodeState, pending: list[int]) -> Decoder:
     st.target.commit_chain(len(pending))
     if st.decode.speculative:
         st.stats.plain_steps += 1
-    tok = sample(process(logits[-1], st.sampling), st.rng)
+    tok = process(logits[-1], st.sampling).sample(st.rng)
     st.emitted.append(tok)
     return tok

@@ -16,9 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from mtad_trt.decoders.base import Call, Decoder, DecodeState, catch_up
-from mtad_trt.params import SamplingParams
 from mtad_trt.rows import Row
-from mtad_trt.sampling import log, process, sample_many
+from mtad_trt.sampling import Dist, log, log_top, process, sample_many
 
 
 @dataclass
@@ -30,7 +29,7 @@ class DraftTree:
     score: np.ndarray  # float64 S_{d,j}: cumulative draft log-likelihood of path(d, j)
     best: int  # j* = argmax_j S_{γ-1, j}
     base: int  # draft slots committed before this tree; node (d, j) sits in slot base + d*B + j
-    q: np.ndarray | None = None  # [γ, V] processed draft distributions along beam 0 (B=1 only)
+    q: list[Dist] | None = None  # processed draft distribution at each depth along beam 0 (B=1 only)
 
     @property
     def gamma(self) -> int:
@@ -53,26 +52,26 @@ def draft_tree(st: DecodeState, pending: list[int], width: int, gamma: int, keep
     sp, rng, draft = st.sampling, st.rng, st.row("draft")
     yield from catch_up(st, pending)
     greedy = sp.temperature == 0
-    score_params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0) if greedy else sp
     tokens = np.zeros((gamma, width), np.int64)
     parent = np.full((gamma, width), -1, np.int64)
     score = np.zeros((gamma, width))
-    qs = [] if keep_q else None
+    qs: list[Dist] | None = [] if keep_q else None
 
     logits = (yield Call("draft", pending))[0]
     draft.commit_chain(len(pending))
     base = draft.n
-    r = process(logits, score_params)
-    if keep_q:
-        qs.append(process(logits, sp) if greedy else r)
-    logr = log(r)
-    if greedy:
-        top = np.argsort(-logr, kind="stable")[:width]
-        tokens[0] = top
-        score[0] = logr[top]
+    if greedy:  # beam search: the top-B tokens by full-softmax log-likelihood (ties: lower id first)
+        tok, lp = log_top(logits, width)
+        order = np.argsort(-lp[0], kind="stable")
+        tokens[0], score[0] = tok[0][order], lp[0][order]
+        if keep_q:
+            qs.append(process(logits, sp))
     else:
-        tokens[0] = sample_many(r, width, rng)
-        score[0] = logr[tokens[0]]
+        r = process(logits, sp)
+        if keep_q:
+            qs.append(r)
+        tokens[0] = r.sample_many(width, rng)
+        score[0] = log(r.prob(0, tokens[0]))
 
     for d in range(1, gamma):
         # Feed depth d-1's nodes; each sees the committed prefix and its own ancestors' slots.
@@ -80,23 +79,26 @@ def draft_tree(st: DecodeState, pending: list[int], width: int, gamma: int, keep
         logits = yield Call("draft", tokens[d - 1], cache_ancestors=ancestors, logits_rows=range(width),
                             slots=base + d * width)
         draft.keep(np.arange(width), base + (d - 1) * width + np.arange(width))
-        r = process(logits, score_params)  # [B, V]
-        if keep_q:
-            qs.append(process(logits[0], sp) if greedy else r[0])
-        logr = log(r)
-        joint = score[d - 1][:, None] + logr  # S_j + log r_j[v]: log of w_j * r_j[v] up to a constant
+        # candidates (parent j, token v) scored S_j + log r_j[v]: log of w_j * r_j[v] up to a constant
         if greedy:
-            flat = joint.ravel()
-            top = np.argpartition(-flat, width - 1)[:width] if flat.size > width else np.arange(flat.size)
-            top = top[np.argsort(-flat[top], kind="stable")]
+            tok, lp = log_top(logits, width)  # each row's best `width` suffice for the best `width` pairs
+            joint = score[d - 1][:, None] + lp
+            top = np.argsort(-joint.ravel(), kind="stable")[:width]
+            if keep_q:
+                qs.append(process(logits[0], sp))
         else:
+            r = process(logits, sp)  # [B rows]
+            if keep_q:
+                qs.append(r.rows(0))
+            joint = score[d - 1][:, None] + log(r.p)
+            tok = r.idx if r.idx is not None else np.broadcast_to(np.arange(r.p.shape[1]), r.p.shape)
             w = np.exp(joint - joint.max())
             top = sample_many(w / w.sum(), width, rng)
-        parent[d], tokens[d] = np.divmod(top, r.shape[-1])
+        parent[d], tokens[d] = top // joint.shape[1], tok.ravel()[top]
         score[d] = joint.ravel()[top]
 
     best = int(np.argmax(score[-1]))
-    return DraftTree(tokens, parent, score, best, base, np.stack(qs) if keep_q else None)
+    return DraftTree(tokens, parent, score, best, base, qs)
 
 
 def _ancestors(parent: np.ndarray, d: int, j: int) -> list[int]:

@@ -18,37 +18,35 @@ import numpy as np
 from mtad_trt.decoders.ar import target_step
 from mtad_trt.decoders.base import Call, Decoder, DecodeState, count_accepted, prefill
 from mtad_trt.decoders.draft import DraftTree, compact, draft_tree
-from mtad_trt.sampling import log, process, sample
+from mtad_trt.sampling import Dist, log, process
 
 
-def accept_chain(p: np.ndarray, block: np.ndarray, q_joint: np.ndarray, log_tau: float) -> int:
+def accept_chain(p: Dist, block: np.ndarray, q_joint: np.ndarray, log_tau: float) -> int:
     """MTAD acceptance: n = max{i : P_i - Q_i > log τ} (0 if none). Longest passing prefix, not first failure.
 
-    p: [γ+1, V] processed target distributions (row i predicts block[i]); block: [γ] tokens;
+    p: γ+1 rows of processed target distributions (row i predicts block[i]); block: [γ] tokens;
     q_joint: [γ] cumulative draft log-likelihoods Q_1..Q_γ.
     """
     g = len(block)
-    logp = log(p[np.arange(g), block])
+    logp = log(p.prob(np.arange(g), block))
     passed = np.nonzero(np.cumsum(logp) - q_joint > log_tau)[0]
     return int(passed[-1]) + 1 if len(passed) else 0
 
 
-def accept_tree(
-    p_root: np.ndarray, p_nodes: np.ndarray, tree: DraftTree, log_tau: float, reference: str = "ancestor"
-) -> tuple[int, int]:
+def accept_tree(probs: Dist, tree: DraftTree, log_tau: float, reference: str = "ancestor") -> tuple[int, int]:
     """MMTAD acceptance across candidates: returns (n, ĵ); n=0 means nothing accepted.
 
-    p_root: [V] target distribution after the committed text; p_nodes: [γ, B, V] distribution after
-    each node. Node (d, j) passes iff T_{d,j} - R_d > log τ, with T the target joint of its path and
-    R_d the draft score of the best beam's ancestor at depth d ("ancestor", intended) or of the
-    same column ("column", the reference code's v2 quirk, for reproduction only).
+    probs: row 0 is the target distribution after the committed text, row 1 + d*B + j the one
+    after node (d, j). Node (d, j) passes iff T_{d,j} - R_d > log τ, with T the target joint of its
+    path and R_d the draft score of the best beam's ancestor at depth d ("ancestor", intended) or
+    of the same column ("column", the reference code's v2 quirk, for reproduction only).
     """
     g, b = tree.tokens.shape
     joint = np.empty((g, b))
-    joint[0] = log(p_root[tree.tokens[0]])
+    joint[0] = log(probs.prob(0, tree.tokens[0]))
     for d in range(1, g):
         par = tree.parent[d]
-        joint[d] = joint[d - 1][par] + log(p_nodes[d - 1, par, tree.tokens[d]])
+        joint[d] = joint[d - 1][par] + log(probs.prob(1 + (d - 1) * b + par, tree.tokens[d]))
     if reference == "ancestor":
         ref = tree.score[np.arange(g), tree.path(g - 1, tree.best)]
     else:
@@ -88,11 +86,11 @@ def decode_mtad(st: DecodeState) -> Decoder:
             logits = yield Call("target", np.concatenate([pend_t, nodes]), parents=parents,
                                 logits_rows=[p - 1, *range(p, p + g * b)])
             probs = process(logits, sp)
-            n, jhat = accept_tree(probs[0], probs[1:].reshape(g, b, -1), tree, log_tau, dp.reference)
+            n, jhat = accept_tree(probs, tree, log_tau, dp.reference)
             path = tree.path(n - 1, jhat) if n else []
             block = [int(tree.tokens[d, path[d]]) for d in range(n)]
             rows = [p + d * b + path[d] for d in range(n)]
-            y = sample(probs[1 + rows[-1] - p] if n else probs[0], st.rng)
+            y = probs.sample(st.rng, 1 + rows[-1] - p if n else 0)
             st.target.keep(list(range(p)) + rows, range(st.target.n, st.target.n + p + n))
             st.target.n += p + n
             stats.drafted_tokens += g * b
@@ -103,7 +101,7 @@ def decode_mtad(st: DecodeState) -> Decoder:
             logits = yield Call("target", np.concatenate([pend_t, chain]), logits_rows=range(p - 1, p + g))
             probs = process(logits, sp)
             n = accept_chain(probs, chain, q_joint, log_tau)
-            y = sample(probs[n], st.rng)
+            y = probs.sample(st.rng, n)
             st.target.commit_chain(p + n)
             block = [int(x) for x in chain[:n]]
             stats.drafted_tokens += g

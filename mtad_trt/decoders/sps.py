@@ -13,20 +13,24 @@ import numpy as np
 from mtad_trt.decoders.ar import target_step
 from mtad_trt.decoders.base import Call, Decoder, DecodeState, count_accepted, prefill
 from mtad_trt.decoders.draft import compact, draft_tree
-from mtad_trt.sampling import process, sample
+from mtad_trt.sampling import Dist, process, sample
 
 
-def accept_sps(p: np.ndarray, q: np.ndarray, block: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
-    """Returns (n accepted, next token). p: [γ+1, V] target, q: [γ, V] draft distributions."""
+def accept_sps(p: Dist, q: list[Dist], block: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
+    """Returns (n accepted, next token). p: γ+1 rows of target distributions, q[i]: the draft's at depth i."""
     for i, x in enumerate(block):
-        px, qx = p[i, x], q[i, x]
+        px, qx = float(p.at(i, [x])[0]), float(q[i].at(0, [x])[0])
         if qx > 0 and rng.random() < min(1.0, px / qx):
             continue
-        residual = np.maximum(p[i] - q[i], 0.0)
+        if p.idx is None and q[i].idx is None:  # both dense (top_k = 0)
+            tokens, residual = np.arange(p.vocab), np.maximum(p.p[i] - q[i].p[0], 0.0)
+        else:  # on the union of the two supports, tokens ascending: the dense draw, without the zeros
+            tokens = np.union1d(p.support(i)[0], q[i].support(0)[0])
+            residual = np.maximum(p.at(i, tokens) - q[i].at(0, tokens), 0.0)
         total = residual.sum()
         # p == q on their support leaves no residual mass: then p itself is the right law.
-        return i, sample(residual / total if total > 0 else p[i], rng)
-    return len(block), sample(p[len(block)], rng)
+        return i, int(tokens[sample(residual / total, rng)]) if total > 0 else p.sample(rng, i)
+    return len(block), p.sample(rng, len(block))
 
 
 def decode_sps(st: DecodeState) -> Decoder:
