@@ -290,6 +290,25 @@ def serve(engines, backend, device, threads, host, port, api_key, decoder, gamma
                max_batch=max_batch, prefill_chunk=prefill_chunk, spec_policy=spec_policy)
 
 
+# -- tune -----------------------------------------------------------------------------------------
+@main.command()
+@runtime_options
+@click.option("--max-batch", default=16, show_default=True, help="Measure row buckets up to this many rows.")
+@click.option("--widths", default="1,2,5,9,17", show_default=True, help="Step widths T to measure (tokens per row).")
+@friendly
+def tune(engines, backend, device, threads, max_batch, widths) -> None:
+    """Measure step costs t(rows, T) per model for the speculation policy; stored in ENGINES/tuning.json."""
+    from mtad_trt import Pipeline
+    from mtad_trt.policy import tune as run_tune
+
+    ws = [int(w) for w in widths.split(",") if w.strip()]
+    with Pipeline.load(engines, backend=backend, device=device, threads=threads, max_batch=max_batch) as pipe:
+        entry = run_tune(engines, pipe.target, pipe.draft, max_batch, threads, ws)
+    for role, pts in entry["points"].items():
+        click.echo(f"{role}: " + ", ".join(f"{n} tok {1000 * t:.1f} ms" for n, t in sorted(pts.items())))
+    click.echo(f"measured {len(entry['shapes'])} shapes per model in {entry['seconds']:.0f} s; wrote {engines}/tuning.json")
+
+
 # -- bench ----------------------------------------------------------------------------------------
 @main.command()
 @runtime_options

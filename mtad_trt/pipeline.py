@@ -99,7 +99,8 @@ class Pipeline:
     """
 
     def __init__(self, folder: Path, manifest: Manifest, tokenizer, target, draft, backend: str,
-                 max_batch: int = 1, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, spec_policy: str = "fixed") -> None:
+                 max_batch: int = 1, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, spec_policy: str = "fixed",
+                 threads: int | None = None) -> None:
         self.folder, self.manifest, self.tokenizer = folder, manifest, tokenizer
         self.backend = backend
         self.target, self.draft = target, draft
@@ -107,7 +108,7 @@ class Pipeline:
         if tokenizer.eos_token_id is not None:
             self.eos_ids.add(int(tokenizer.eos_token_id))
         self.scheduler = Scheduler(target, draft, tokenizer, self.eos_ids, max_batch, prefill_chunk,
-                                   policy=make_policy(spec_policy, target, draft, max_batch))
+                                   policy=make_policy(spec_policy, target, draft, max_batch, folder, threads))
         self._encoder = Encoder(tokenizer)
         self._lock = threading.Lock()
 
@@ -138,7 +139,7 @@ class Pipeline:
         if "draft" in roles:
             draft = load_runner(folder, manifest, "draft", backend, device, draft_threads or threads, batch=max_batch)
         return cls(folder, manifest, tokenizer, target, draft, f"{backend}-{device}", max_batch, prefill_chunk,
-                   spec_policy)
+                   spec_policy, threads)
 
     def close(self) -> None:
         self.target.close()

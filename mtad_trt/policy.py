@@ -113,7 +113,7 @@ def probe_costs(runner: ModelRunner, role: str, shapes: list[tuple[int, int]], r
     """Time padding-only steps of the given (rows, T) shapes on an idle runner (median of reps)."""
     from mtad_trt.batch import _pad
 
-    out: dict[int, float] = {}
+    out: dict[int, list[float]] = defaultdict(list)
     s = runner.reserve(1)
     window = runner.spec.sliding_window if runner.spec.has_sliding_layers else None
     for rows, t in shapes:
@@ -126,9 +126,9 @@ def probe_costs(runner: ModelRunner, role: str, shapes: list[tuple[int, int]], r
             runner.step(inp)
             if i:  # the first run is the warm-up
                 times.append(time.perf_counter() - t0)
-        out[rows * t] = float(np.median(times))
+        out[rows * t].append(float(np.median(times)))
     runner.reset()
-    return out
+    return {n: float(np.mean(ts)) for n, ts in out.items()}  # shapes with equal rows·T share a point
 
 
 def probe_shapes(max_batch: int, widest: int) -> list[tuple[int, int]]:
@@ -173,11 +173,11 @@ class SpeculationPolicy:
         best = self._choose(running, flexible)
         self.choice = best
         self.history.append((len(running), *best))
-        for req in flexible:
+        for req in flexible:  # a request's own γ and B (or the defaults it got) are ceilings: they sized its slots
             if "gamma" not in req.fixed:
-                req.state.gamma = best[0]
+                req.state.gamma = min(best[0], req.decode.gamma)
             if "beam_width" not in req.fixed and req.decode.decoder != "sps":
-                req.state.beam_width = best[1]
+                req.state.beam_width = min(best[1], req.decode.beam_width)
 
     def _choose(self, running: list[Request], flexible: list[Request]) -> tuple[int, int]:
         top_g = min(self.max_gamma, max(r.decode.gamma for r in flexible))
@@ -201,8 +201,8 @@ class SpeculationPolicy:
             if not r.decode.speculative:
                 shapes.append(("ar", 0, 1))
                 continue
-            g = choice[0] if id(r) in flex and "gamma" not in r.fixed else r.state.gamma
-            b = choice[1] if id(r) in flex and "beam_width" not in r.fixed else r.state.beam_width
+            g = min(choice[0], r.decode.gamma) if id(r) in flex and "gamma" not in r.fixed else r.state.gamma
+            b = min(choice[1], r.decode.beam_width) if id(r) in flex and "beam_width" not in r.fixed else r.state.beam_width
             shapes.append((r.decode.decoder, g, 1 if r.decode.decoder == "sps" else b))
         tokens = sum(1 + (self.acceptance[(d, b)].expected(g) if g else 0) for d, g, b in shapes)
         seconds = 0.0
@@ -228,6 +228,29 @@ def load_tuning(folder: Path, key: str) -> dict[str, dict[int, float]] | None:
         return None
     entry = table.get(key)
     return entry.get("points") if isinstance(entry, dict) else None
+
+
+def tune(folder: Path, target: ModelRunner, draft: ModelRunner | None, max_batch: int, threads: int | None,
+         widths: list[int]) -> dict:
+    """Measure step costs for every row bucket up to max_batch and every width, store them in the
+    engine folder's tuning.json (one entry per backend + thread count), and return the entry."""
+    from mtad_trt.batch import row_buckets
+
+    t0 = time.perf_counter()
+    shapes = [(r, t) for r in row_buckets(max_batch) for t in sorted(set(widths))]
+    points = {"target": probe_costs(target, "target", shapes)}
+    if draft is not None:
+        points["draft"] = probe_costs(draft, "draft", shapes)
+    entry = {"points": points, "shapes": shapes, "max_batch": max_batch, "seconds": time.perf_counter() - t0,
+             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    path = Path(folder) / TUNING_FILE
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):
+        table = {}
+    table[tuning_key(target, threads)] = entry
+    path.write_text(json.dumps(table, indent=1) + "\n")
+    return entry
 
 
 def make_policy(kind: str, target: ModelRunner, draft: ModelRunner | None, max_batch: int,

@@ -54,6 +54,7 @@ class Result:
     e2e_s: float = 0.0
     tokens: int = 0
     gaps_s: list[float] = field(default_factory=list)  # between successive token-carrying chunks
+    mtad: dict = field(default_factory=dict)  # the request's stats (what γ/B the runtime used)
 
     @property
     def ok(self) -> bool:
@@ -88,6 +89,8 @@ async def one_request(client: httpx.AsyncClient, path: str, body: dict) -> Resul
                     continue
                 if obj.get("usage"):
                     res.tokens = obj["usage"]["completion_tokens"]
+                if obj.get("mtad"):
+                    res.mtad = obj["mtad"]
                 if obj.get("choices") and obj["choices"][0].get("token_ids"):
                     now = time.perf_counter()
                     if last is None:
@@ -114,7 +117,12 @@ def summarize(concurrency: int, results: list[Result], wall_s: float) -> dict:
     tokens = sum(r.tokens for r in ok)
     rounds = sum(len(r.gaps_s) + 1 for r in ok)
     errors = [f"{r.status} {r.error}" for r in results if not r.ok]
+    rounds_spec = sum(r.mtad.get("iterations", 0) for r in ok)
+    plain = sum(r.mtad.get("plain_steps", 0) for r in ok)
     return {
+        # what the speculation policy used: mean γ per speculative round, share of plain steps
+        "mean_gamma": sum(r.mtad.get("draft_positions", 0) for r in ok) / rounds_spec if rounds_spec else 0.0,
+        "plain_step_share": plain / (plain + rounds_spec) if plain + rounds_spec else 0.0,
         "concurrency": concurrency,
         "requests": len(results),
         "ok": len(ok),
@@ -169,7 +177,8 @@ def print_table(rows: list[dict]) -> None:
             ("TTFT p50", "ttft_p50_ms", "{:>9.1f}"), ("TTFT p99", "ttft_p99_ms", "{:>9.1f}"),
             ("ITL p50", "itl_p50_ms", "{:>8.2f}"), ("ITL p99", "itl_p99_ms", "{:>8.2f}"),
             ("TPOT p50", "tpot_p50_ms", "{:>9.2f}"), ("e2e p50", "e2e_p50_ms", "{:>8.1f}"),
-            ("e2e p99", "e2e_p99_ms", "{:>8.1f}")]
+            ("e2e p99", "e2e_p99_ms", "{:>8.1f}"), ("mean γ", "mean_gamma", "{:>6.2f}"),
+            ("plain", "plain_step_share", "{:>5.2f}")]
     print(" | ".join(h for h, _, _ in cols) + "   (latencies in ms)")
     for row in rows:
         cells = []

@@ -259,3 +259,26 @@ def test_cost_model_interpolates_and_learns():
     assert m.cost("target", 4, 5) == pytest.approx(5.0 + 3 * (20 - 17) / 12)  # beyond: the last segment extended
     m.observe("target", 1, 5, 4.0)
     assert m.cost("target", 5, 1) == pytest.approx(3.0)  # EMA of 2.0 and 4.0; keyed by rows·T
+
+
+def test_tune_writes_the_table_the_auto_policy_loads(pair_engine, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from mtad_trt import policy
+    from mtad_trt.cli import main
+
+    folder = tmp_path / "engine"
+    shutil.copytree(pair_engine, folder)
+    res = CliRunner().invoke(main, ["tune", str(folder), "--backend", "ort", "--max-batch", "2", "--widths", "1,5"])
+    assert res.exit_code == 0, res.output
+    table = json.loads((folder / "tuning.json").read_text())
+    (entry,) = table.values()
+    assert entry["shapes"] == [[1, 1], [1, 5], [2, 1], [2, 5]]
+    assert set(entry["points"]) == {"target", "draft"} and all(t > 0 for t in entry["points"]["target"].values())
+    monkeypatch.setattr(policy, "probe_costs", lambda *a, **k: pytest.fail("probed although a table exists"))
+    with Pipeline.load(folder, backend="ort", max_batch=2, spec_policy="auto") as pipe:
+        costs = pipe.scheduler.policy.costs
+        assert costs.points["target"] == {int(n): t for n, t in entry["points"]["target"].items()}

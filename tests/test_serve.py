@@ -391,6 +391,40 @@ def test_16_concurrent_streams_equal_sequential(client, http):
     assert metric(http, "mtad_trt:num_requests_waiting") == 0
 
 
+def _histogram(http: httpx.Client, name: str) -> dict[str, float]:
+    """{le: cumulative count} of one histogram in /metrics (the model_name label only)."""
+    out = {}
+    for line in http.get("/metrics").text.splitlines():
+        m = re.match(rf'^{re.escape(name)}_bucket\{{le="([^"]+)",model_name="{MODEL}"\}} (\S+)$', line)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    return out
+
+
+def test_16_concurrent_streams_share_batch_rows(pair_engine, client):
+    """Continuous batching through the server: 16 clients at once on 4 batch rows give what they get
+    one at a time (from the batch-1 server), and the iterations really ran several rows at once."""
+    sequential = [_stream_text(client, i) for i in range(16)]
+    with Pipeline.load(pair_engine, backend="ort", max_batch=4) as pipe:
+        app = create_app(pipe, ServerSettings(model_name=MODEL, api_key=KEY, max_queue=32))
+        with ServerThread(app) as url, httpx.Client(trust_env=False, timeout=60) as hc, \
+                httpx.Client(base_url=url, headers=AUTH, trust_env=False, timeout=60) as http:
+            batched = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, http_client=hc)
+            start = threading.Barrier(16)
+
+            def one(i):
+                start.wait()
+                return _stream_text(batched, i)
+
+            with ThreadPoolExecutor(16) as pool:
+                concurrent = list(pool.map(one, range(16)))
+            assert concurrent == sequential
+            sizes = _histogram(http, "mtad_trt:iteration_batch_size")
+            assert sizes["+Inf"] > sizes["1.0"] > 0  # some iterations ran 1 row, others more
+            assert sizes["4.0"] == sizes["+Inf"]  # never more than the 4 rows
+            wait_for(lambda: metric(http, "mtad_trt:num_requests_running") == 0)
+
+
 def test_disconnect_cancels_and_frees_worker(server, http):
     long = _body(prompt=PROMPTS[0], max_tokens=180, ignore_eos=True, decoder="mmtad", gamma=8, beam_width=8)
     cancelled = metric(http, "mtad_trt:request_success_total", finished_reason="cancelled")

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Continuous batching on the default pair: aggregate tok/s, TTFT and ITL for N = 1..16 clients,
+# every decoder, against --max-batch 1 (one request at a time), with the speculation policy off
+# (fixed γ=4, B=4) and on (auto: requests leave γ/B to the runtime). One run, one machine:
+#
+#   bash scripts/bench_batching.sh [ENGINES] [OUT_DIR]
+#
+# Needs a quiet machine (nothing else running); writes one JSON per (config, decoder) and the
+# server's resident memory per config into OUT_DIR (default docs/data/batching).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ENGINES=${1:-engines/qwen2.5-coder}
+OUT=${2:-docs/data/batching}
+PORT=${PORT:-8021}
+LEVELS=${LEVELS:-1,2,4,8,16}
+DECODERS=${DECODERS:-ar sps mtad mmtad}
+TOKENS=${TOKENS:-64}
+mkdir -p "$OUT"
+export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
+if ! grep -q '"ort-cpu-t2"' "$ENGINES/tuning.json" 2>/dev/null; then  # the auto policy's cost table
+  ( time mtad-trt tune "$ENGINES" --threads 2 --max-batch 16 ) 2>&1 | tee "$OUT/tune.txt"
+fi
+
+run_config() {  # name, serve flags...
+  local name=$1; shift
+  mtad-trt serve "$ENGINES" --threads 2 --port "$PORT" "$@" > "$OUT/$name.server.log" 2>&1 &
+  local pid=$!
+  trap 'kill $pid 2>/dev/null || true' EXIT
+  local t0=$SECONDS
+  until curl -sf "http://127.0.0.1:$PORT/health" > /dev/null; do
+    kill -0 $pid 2>/dev/null || { cat "$OUT/$name.server.log"; exit 1; }
+    sleep 1
+  done
+  echo "$name: up in $((SECONDS - t0)) s, RSS $(ps -o rss= -p $pid) KiB" | tee "$OUT/$name.memory.txt"
+  for d in $DECODERS; do
+    python3 scripts/bench_serve.py --url "http://127.0.0.1:$PORT" --concurrency "$LEVELS" --requests 1 \
+      --max-tokens "$TOKENS" --ignore-eos --temperature 1 --chat --extra "{\"decoder\": \"$d\"}" \
+      --json "$OUT/$name.$d.json" | tee "$OUT/$name.$d.txt"
+  done
+  echo "$name: RSS after the runs $(ps -o rss= -p $pid) KiB" | tee -a "$OUT/$name.memory.txt"
+  kill $pid; wait $pid 2>/dev/null || true
+  trap - EXIT
+}
+
+run_config batch1 --max-batch 1 --spec-policy fixed
+run_config batch16-fixed --max-batch 16 --spec-policy fixed
+run_config batch16-auto --max-batch 16 --spec-policy auto
