@@ -101,3 +101,22 @@ def test_generate_json(pair_engine):
                 "tokens_per_target_call", "wall_s"):
         assert key in out["stats"]
     assert out["stats"]["target_calls"] >= 1 and out["backend"] == "ort-cpu"
+
+
+def test_a_failing_model_step_is_one_error_line(pair_engine):
+    """An ONNX Runtime error inside a step (here: injected on the 3rd target call) ends the request
+    with one `error:` line and a non-zero exit, not a traceback."""
+    code = (
+        "import sys; from mtad_trt.backends.ort import OrtRunner; real = OrtRunner.step; n = [0]\n"
+        "def step(self, inputs):\n"
+        "    n[0] += 1\n"
+        "    if n[0] == 3: raise RuntimeError('[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code')\n"
+        "    return real(self, inputs)\n"
+        "OrtRunner.step = step\n"
+        "from mtad_trt.cli import main; sys.argv = ['mtad-trt', *sys.argv[1:]]; main()\n"
+    )
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    res = subprocess.run([sys.executable, "-c", code, "generate", str(pair_engine), "--decoder", "ar",
+                          "--prompt", "hello", "--max-new-tokens", "10", "--backend", "ort"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert_clean_error(res, "target model's step failed", "RUNTIME_EXCEPTION")

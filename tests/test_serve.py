@@ -425,6 +425,27 @@ def test_16_concurrent_streams_share_batch_rows(pair_engine, client):
             wait_for(lambda: metric(http, "mtad_trt:num_requests_running") == 0)
 
 
+def test_a_failing_step_is_a_500_for_its_request_and_the_server_goes_on(server_pipeline, monkeypatch):
+    runner = server_pipeline.target
+    real, calls = runner.step, []
+
+    def step(inputs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : injected")
+        return real(inputs)
+
+    monkeypatch.setattr(runner, "step", step)
+    app = create_app(server_pipeline, ServerSettings(model_name=MODEL))
+    with ServerThread(app) as url, httpx.Client(base_url=url, trust_env=False, timeout=30) as c:
+        r = c.post("/v1/completions", json=_body(max_tokens=8, decoder="ar", ignore_eos=True))
+        assert_openai_error(r, 500, "step failed")
+        assert r.json()["error"]["code"] == "step_failed" and "RUNTIME_EXCEPTION" in r.json()["error"]["message"]
+        ok = c.post("/v1/completions", json=_body(max_tokens=8, decoder="ar", ignore_eos=True))
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 8
+        assert c.get("/health").status_code == 200
+
+
 def test_disconnect_cancels_and_frees_worker(server, http):
     long = _body(prompt=PROMPTS[0], max_tokens=180, ignore_eos=True, decoder="mmtad", gamma=8, beam_width=8)
     cancelled = metric(http, "mtad_trt:request_success_total", finished_reason="cancelled")
