@@ -319,11 +319,13 @@ def serve(engines, backend, device, threads, host, port, api_key, decoder, gamma
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out (same settings) from its journal.")
 @click.option("--score-engines", type=click.Path(path_type=Path), default=None,
               help="Score perplexity with this engine folder's target (e.g. the float32 export of an int4 pair).")
+@click.option("--score-threads", type=int, default=None,
+              help="Threads for scoring, which runs outside every timed window (default: --threads).")
 @click.option("--n-boot", default=10_000, show_default=True, help="Bootstrap resamples per interval.")
 @friendly
 def bench(engines, backend, device, threads, decoders, prompt_set, n, seeds, max_new_tokens, temperature, top_k, top_p,
           gamma, beam_width, threshold, seed, concurrency, spec_policy, energy_kind, peers, peer_ort_model, peer_gguf,
-          out, resume, score_engines, n_boot) -> None:
+          out, resume, score_engines, score_threads, n_boot) -> None:
     """Speed, acceptance, perplexity, pass@1 and energy per token for each decoder, with intervals."""
     from rich.progress import (
         BarColumn,
@@ -342,7 +344,7 @@ def bench(engines, backend, device, threads, decoders, prompt_set, n, seeds, max
                       seed=seed, temperature=temperature, top_k=top_k, top_p=top_p, gamma=gamma,
                       beam_width=beam_width, threshold=threshold, energy=energy_kind,
                       peers=tuple(p for p in peers.split(",") if p), out=str(out), concurrency=concurrency,
-                      spec_policy=spec_policy, resume=resume, n_boot=n_boot,
+                      spec_policy=spec_policy, resume=resume, n_boot=n_boot, score_threads=score_threads,
                       peer_ort_model=str(peer_ort_model) if peer_ort_model else None,
                       peer_gguf=str(peer_gguf) if peer_gguf else None,
                       score_engines=str(score_engines) if score_engines else None)

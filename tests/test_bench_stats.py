@@ -103,6 +103,10 @@ def test_control_flag_passes_when_sps_is_noise_and_fails_when_it_differs():
     shifted = {k: v + 0.3 for k, v in same.items()}  # a synthetic sps that is made to differ
     bad = stats.control_check({"sps": stats.perplexity_vs_base(shifted, ar)})
     assert bad["ok"] is False and bad["message"].startswith("CONTROL FAILED")
+    assert "only" not in ok["message"]  # 30 prompts: no small-sample caveat
+    few = stats.control_check({"sps": stats.perplexity_vs_base({("a", 0): -1.0, ("b", 0): -1.1},
+                                                               {("a", 0): -1.05, ("b", 0): -1.0})})
+    assert "only 2 prompts" in few["message"]
     missing = stats.control_check({"mtad": None})
     assert missing["ok"] is None and "missing" in missing["message"]
 

@@ -2,7 +2,7 @@
 
 - `hf`: transformers assisted generation (`generate(assistant_model=draft)`), float32 eager.
 - `hf-ar`: plain transformers `generate` with the target alone.
-- `ort-genai`: ONNX Runtime GenAI (`pip install 'mtad-trt[peers]'`), its model builder run once on
+- `ort-genai`: ONNX Runtime GenAI (`pip install 'mtad-trt[peers-ort]'`), its model builder run once on
   the target's converted HF folder (`-p int4 -e cpu`, cached under the mtad-trt cache folder), or
   the folder given with --peer-ort-model.
 - `llama.cpp`: the target's Q4_K_M GGUF through `llama-cpp-python`, which must be built as
@@ -27,7 +27,7 @@ from mtad_trt.errors import MtadError
 from mtad_trt.manifest import Manifest
 
 PEERS = ("hf", "hf-ar", "ort-genai", "llama.cpp")
-ORT_GENAI_INSTALL = "pip install 'onnxruntime-genai==0.18.0'  (or: pip install 'mtad-trt[peers]')"
+ORT_GENAI_INSTALL = "pip install 'onnxruntime-genai==0.18.0'  (or: pip install 'mtad-trt[peers-ort]')"
 LLAMACPP_INSTALL = ('CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" '
                     "pip install --no-binary llama-cpp-python 'llama-cpp-python==0.3.36'")
 

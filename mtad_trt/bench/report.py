@@ -117,6 +117,7 @@ def plots(record: dict, out: Path) -> list[Path]:
     res = {k: v["summary"] for k, v in record["results"].items()}
     paired = record.get("paired", {})
     decoders = [n for n in res if not n.startswith("peer:")]
+    color = {n: f"C{i}" for i, n in enumerate(decoders)}  # one colour per decoder in every plot
     files = []
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for n in decoders:  # left: absolute tok/s vs perplexity with its interval
@@ -124,19 +125,20 @@ def plots(record: dict, out: Path) -> list[Path]:
         x = res[n].get("aggregate_tokens_per_s") or res[n]["tokens_per_s"]
         if ci:
             axes[0].errorbar([x], [ci["estimate"]], yerr=[[ci["estimate"] - ci["lo"]], [ci["hi"] - ci["estimate"]]],
-                             fmt="o", capsize=4, label=n)
+                             fmt="o", capsize=4, label=n, color=color[n])
     axes[0].set_xlabel("output tokens/s")
     axes[0].set_ylabel("perplexity under the target")
     axes[0].set_title("perplexity vs speed (95% CI)")
     for n in decoders:  # right: both as paired ratios to ar
         if n == "ar":
-            axes[1].plot([1], [1], "ks", label="ar")
+            axes[1].plot([1], [1], "s", color=color[n], label="ar (base)")
             continue
         sp, pr = paired.get("speed", {}).get(n), (paired.get("perplexity", {}).get(n) or {}).get("ppl_ratio")
         if sp and pr:
             axes[1].errorbar([sp["median"]], [pr["estimate"]],
                              xerr=[[sp["median"] - sp["p25"]], [sp["p75"] - sp["median"]]],
-                             yerr=[[pr["estimate"] - pr["lo"]], [pr["hi"] - pr["estimate"]]], fmt="o", capsize=4, label=n)
+                             yerr=[[pr["estimate"] - pr["lo"]], [pr["hi"] - pr["estimate"]]], fmt="o", capsize=4, label=n,
+                             color=color[n])
     axes[1].axhline(1, color="grey", lw=0.5)
     axes[1].axvline(1, color="grey", lw=0.5)
     axes[1].set_xlabel("speed / ar (median, IQR)")
@@ -153,7 +155,8 @@ def plots(record: dict, out: Path) -> list[Path]:
             xs = range(1, len(pos) + 1)
             ax.errorbar(xs, [p["estimate"] for p in pos], yerr=[[p["estimate"] - p["lo"] for p in pos],
                                                                  [p["hi"] - p["estimate"] for p in pos]],
-                        marker="o", capsize=3, label=n)
+                        marker="o", capsize=3, label=n, color=color.get(n))
+        ax.set_xticks(range(1, max(len(p) for p in acc.values()) + 1))
         ax.set_xlabel("draft position")
         ax.set_ylabel("share of rounds accepting it (95% CI)")
         ax.legend()

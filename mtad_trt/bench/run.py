@@ -34,7 +34,7 @@ RECORD_VERSION = 2
 HUMANEVAL_STOPS = ("\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint(")
 PEER_PREFIX = "peer:"
 # Settings that do not change the results: a resumed run may differ in these.
-NOT_IN_FINGERPRINT = ("out", "resume")
+NOT_IN_FINGERPRINT = ("out", "resume", "score_threads")
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
@@ -67,6 +67,7 @@ class BenchConfig:
     out: str = "bench-out"
     resume: bool = False
     score_engines: str | None = None  # score perplexity with this folder's target (e.g. float32 for int4 runs)
+    score_threads: int | None = None  # threads for scoring (outside every timed window); default: threads
     n_boot: int = 10_000  # bootstrap resamples for every interval
     extra: dict = field(default_factory=dict)
 
@@ -209,7 +210,7 @@ class _Run:
         if not todo:
             return
         scorer = Pipeline.load(cfg.score_engines or cfg.engines, backend=cfg.backend, device=cfg.device,
-                               threads=cfg.threads, load_draft=False)
+                               threads=cfg.score_threads or cfg.threads, load_draft=False)
         try:
             if tokenizer_of_run is not None and scorer.tokenizer.get_vocab() != tokenizer_of_run.get_vocab():
                 raise MtadError(f"{cfg.score_engines} uses another tokenizer than {cfg.engines}: cannot score with it")
