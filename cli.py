@@ -358,7 +358,12 @@ def bench(engines, backend, device, threads, decoders, prompt_set, n, seeds, max
                 tasks[phase] = bar.add_task(phase, total=total, completed=done)
             bar.update(tasks[phase], completed=done)
 
-        record = run_bench(cfg, progress)
+        try:
+            record = run_bench(cfg, progress)
+        except KeyboardInterrupt:
+            click.echo(f"interrupted: every finished request is in {out}/records.jsonl; "
+                       "continue with the same command plus --resume", err=True)
+            sys.exit(130)
     files = write_report(record, out)
     click.echo(markdown(record))
     click.echo("wrote " + ", ".join(str(f) for f in files))

@@ -142,6 +142,10 @@ def test_resume_after_interruption(pair_engine, prompt_file, tmp_path):
     assert sum(r["type"] == "window" for r in lines) == 18
     assert _deterministic(record) == _deterministic(full)
     assert record["journal"]["resumed_records"] == 18
+    t = record["run_time"]  # the killed sessions' work counts, the gaps between sessions do not
+    assert t["generate_sessions"] == 2 and t["score_sessions"] == 2
+    assert 0 < t["windows_s"] <= t["generate_s"] and t["score_s"] > 0
+    assert "2 session(s)" in markdown(record)
 
 
 def test_journal_resume_of_a_finished_run_only_rebuilds_the_report(pair_engine, prompt_file, tmp_path):

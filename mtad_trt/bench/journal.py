@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,7 @@ class Journal:
         self.windows: dict[tuple[str, int], dict] = {}
         self.scores: dict[tuple, dict] = {}
         self.resumed = 0
+        self.session = time.time()  # marks this session's window and score lines (run time per session)
         header = {"type": "header", "version": VERSION, "settings": header}
         if self.path.exists() and self.path.stat().st_size > 0:
             if not resume:
@@ -123,14 +125,15 @@ class Journal:
         """Append a unit's records for one system and the window line that commits them."""
         for g in gens:
             self._write({"type": "gen", "system": system, "unit": unit, **g})
-        w = {"type": "window", "system": system, "unit": unit, **window}
+        w = {"type": "window", "system": system, "unit": unit, **window, "session": self.session, "t": time.time()}
         self._write(w)
         for g in gens:
             self.gens[(system, g["prompt_id"], g["seed"])] = {"type": "gen", "system": system, "unit": unit, **g}
         self.windows[(system, unit)] = w
 
     def add_score(self, key: tuple, score: dict) -> None:
-        rec = {"type": "score", "system": key[0], "prompt_id": key[1], "seed": key[2], **score}
+        rec = {"type": "score", "system": key[0], "prompt_id": key[1], "seed": key[2], **score,
+               "session": self.session, "t": time.time()}
         self._write(rec)
         self.scores[key] = rec
 

@@ -37,6 +37,14 @@ def _geo(sp: dict | None) -> str:
     return f"{sp['geomean']:.2f}× [{sp['geomean_lo']:.2f}, {sp['geomean_hi']:.2f}]"
 
 
+def _run_time(t: dict | None) -> str:
+    if not t:
+        return "- run time: not recorded"
+    return (f"- run time: generation {t['generate_s'] / 60:.1f} min (Σ timing windows {t['windows_s'] / 60:.1f} min, "
+            f"{t['generate_sessions']} session(s)), scoring {t['score_s'] / 60:.1f} min "
+            f"({t['score_sessions']} session(s)); time between sessions not counted")
+
+
 def markdown(record: dict) -> str:
     s, paired = record["settings"], record.get("paired", {})
     level = f"{paired.get('level', 0.95):.0%}"
@@ -50,6 +58,7 @@ def markdown(record: dict) -> str:
         f"τ={s['threshold']}, base seed {s['seed']}, {s['threads']} thread(s)",
         f"- order: {record.get('interleaving', 'decoders one after another')} ({record.get('units', '?')} units)",
         f"- energy: {record['energy_method']}",
+        _run_time(record.get("run_time")),
         f"- perplexity scored by: `{s.get('score_engines') or s['engines']}` target (raw softmax, EOS-truncated); "
         "PPL is the paper's exp(−mean of per-sample mean log-probs)",
         f"- intervals: {level}, percentile bootstrap over prompts ({paired.get('n_boot', '?')} resamples, seeds "

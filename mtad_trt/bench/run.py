@@ -24,7 +24,7 @@ from pathlib import Path
 import mtad_trt
 from mtad_trt.bench import energy, interleave, metrics, prompts
 from mtad_trt.bench.journal import Journal
-from mtad_trt.bench.summary import build_results
+from mtad_trt.bench.summary import build_results, run_time
 from mtad_trt.errors import MtadError
 from mtad_trt.manifest import sha256_file
 from mtad_trt.params import DECODERS, DEFAULTS
@@ -34,7 +34,7 @@ RECORD_VERSION = 2
 HUMANEVAL_STOPS = ("\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint(")
 PEER_PREFIX = "peer:"
 # Settings that do not change the results: a resumed run may differ in these.
-NOT_IN_FINGERPRINT = ("out", "resume", "score_threads")
+NOT_IN_FINGERPRINT = ("out", "resume", "score_threads", "n_boot")
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
@@ -216,6 +216,7 @@ class _Run:
                 raise MtadError(f"{cfg.score_engines} uses another tokenizer than {cfg.engines}: cannot score with it")
             encoded = [scorer.encode(p.text, chat=p.chat) for p in self.items]
             for i, key in enumerate(todo):
+                t0 = time.perf_counter()
                 g = journal.gens[key]
                 lp = scorer.score(encoded[g["prompt_index"]], g["token_ids"])
                 rec = {"scored_tokens": len(lp), "logprob_sum": float(lp.sum()),
@@ -225,6 +226,7 @@ class _Run:
 
                     r = check_correctness(self.items[g["prompt_index"]].meta, g["text"], timeout_s=5.0)
                     rec.update(passed=r.passed, sandbox_status=r.status)
+                rec["score_s"] = time.perf_counter() - t0
                 journal.add_score(key, rec)
                 self._tick("score", total - len(todo) + i + 1, total)
         finally:
@@ -238,13 +240,14 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None) -> dict:
         backend, energy_method = run.generate(journal)
         run.score(journal, run.tokenizer)
         results, paired = build_results(journal, run.systems, cfg.n_boot)
+        times = run_time(journal)
     finally:
         journal.close()
-    return _record(cfg, backend, energy_method, results, paired, run, journal)
+    return _record(cfg, backend, energy_method, results, paired, run, journal, times)
 
 
 def _record(cfg: BenchConfig, backend: str, energy_method: str, results: dict, paired: dict, run: _Run,
-            journal: Journal) -> dict:
+            journal: Journal, times: dict) -> dict:
     import onnxruntime
     import torch
     import transformers
@@ -264,6 +267,7 @@ def _record(cfg: BenchConfig, backend: str, energy_method: str, results: dict, p
         "interleaving": interleave.describe(cfg.concurrency),
         "units": len(run.units),
         "journal": {"path": str(journal.path), "resumed_records": journal.resumed},
+        "run_time": times,
         "results": results,
         "paired": paired,
     }

@@ -159,3 +159,23 @@ def _ppl_ci(logp: dict, n_boot: int) -> dict | None:
     m = np.array([np.mean(per[p]) for p in sorted(per)])
     lo, hi = stats.bootstrap_mean(m, n_boot=n_boot)
     return stats.interval(math.exp(-m.mean()), math.exp(-hi), math.exp(-lo), len(m))
+
+
+def run_time(journal: Journal) -> dict:
+    """How long the run took, from the journal: per phase, the span of each session's lines (plus
+    the first line's own duration), summed over sessions; the gaps between sessions are not counted."""
+    out = {}
+    for phase, recs, dur in (("generate", journal.windows.values(), "window_s"),
+                             ("score", journal.scores.values(), "score_s")):
+        sessions: dict[float, list[dict]] = defaultdict(list)
+        for r in recs:
+            if "t" in r:
+                sessions[r.get("session", 0.0)].append(r)
+        total = 0.0
+        for rs in sessions.values():
+            rs.sort(key=lambda r: r["t"])
+            total += rs[-1]["t"] - rs[0]["t"] + rs[0].get(dur, 0.0)
+        out[f"{phase}_s"] = total
+        out[f"{phase}_sessions"] = len(sessions)
+    out["windows_s"] = float(sum(w["window_s"] for w in journal.windows.values()))
+    return out
