@@ -214,3 +214,19 @@ def test_cli_bench_seeds_and_resume(pair_engine, prompt_file, tmp_path):
     resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, env=env, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert sum(json.loads(x)["type"] == "gen" for x in (tmp_path / JOURNAL).read_text().splitlines()) == 8
+
+
+def test_llamacpp_peer(pair_engine, prompt_file, tmp_path):
+    """Runs where llama-cpp-python is built (docs/results.md section 4) and the SmolLM2 GGUF is
+    fetched: the peer only times decoding from our token ids, so any GGUF will do here."""
+    pytest.importorskip("llama_cpp")
+    from mtad_trt.export.registry import gguf_path
+
+    gguf = gguf_path("smollm2-135m")
+    if not gguf.is_file():
+        pytest.skip(f"no {gguf} (mtad-trt models fetch smollm2-135m)")
+    record = run_bench(_cfg(pair_engine, prompt_file, tmp_path, decoders=("ar",), seeds=1, peers=("llama.cpp",),
+                            peer_gguf=str(gguf)))
+    s = record["results"]["peer:llama.cpp"]["summary"]
+    assert s["requests"] == 3 and s["generated_tokens"] > 0 and "llama-cpp-python" in s["note"]
+    assert s["decode_tokens_per_s_p50"] > 0 and record["paired"]["speed"]["peer:llama.cpp"]["units"] == 3
