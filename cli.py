@@ -314,48 +314,77 @@ def tune(engines, backend, device, threads, max_batch, widths) -> None:
 @runtime_options
 @click.option("--decoders", default="ar,sps,mtad,mmtad", show_default=True, help="Comma-separated decoders to compare.")
 @click.option("--prompts", "prompt_set", default="humaneval", show_default=True, help="humaneval | prose | FILE.jsonl")
-@click.option("--n", default=10, show_default=True, help="Number of prompts.")
+@click.option("--n", default=10, show_default=True, help="Number of prompts (0 = all of the set).")
+@click.option("--seeds", default=1, show_default=True,
+              help="Seeds per prompt, pooled in the intervals (a record per prompt, seed and decoder).")
 @click.option("--max-new-tokens", default=DEFAULTS["max_new_tokens"], show_default=True)
 @click.option("--temperature", default=DEFAULTS["temperature"], show_default=True)
 @click.option("--top-k", default=DEFAULTS["top_k"], show_default=True)
 @click.option("--top-p", default=DEFAULTS["top_p"], show_default=True)
 @with_options(speculation_options()[1:])
-@click.option("--seed", default=0, show_default=True, help="Prompt i uses seed+i, the same for every decoder.")
+@click.option("--seed", default=0, show_default=True,
+              help="Prompt i, seed index k uses seed + i + 10000·k, the same for every decoder.")
 @click.option("--concurrency", default=1, show_default=True,
-              help="Requests at once per decoder (continuous batching; the rest join as rows free up).")
+              help="Requests at once per decoder (continuous batching); decoders are then interleaved per batch.")
 @click.option("--spec-policy", type=click.Choice(["auto", "fixed"]), default="fixed", show_default=True,
               help="auto: γ/B per iteration from measured step costs (only for settings not given here).")
 @click.option("--energy", "energy_kind", default="auto", show_default=True,
               help="auto | nvml | jetson | tegrastats | rapl | none")
-@click.option("--peers", default="", help="Comma-separated peers run on the same prompts: hf, hf-ar.")
+@click.option("--peers", default="",
+              help="Comma-separated peers interleaved with the decoders: hf, hf-ar, ort-genai, llama.cpp.")
+@click.option("--peer-ort-model", type=click.Path(path_type=Path), default=None,
+              help="ORT GenAI model folder (default: built once from the target's HF folder, int4 CPU).")
+@click.option("--peer-gguf", type=click.Path(path_type=Path), default=None,
+              help="GGUF for the llama.cpp peer (default: the target's fetched Q4_K_M GGUF).")
 @click.option("--out", default="bench-out", show_default=True, type=click.Path(path_type=Path))
+@click.option("--resume", is_flag=True, help="Continue the interrupted run in --out (same settings) from its journal.")
 @click.option("--score-engines", type=click.Path(path_type=Path), default=None,
               help="Score perplexity with this engine folder's target (e.g. the float32 export of an int4 pair).")
+@click.option("--score-threads", type=int, default=None,
+              help="Threads for scoring, which runs outside every timed window (default: --threads).")
+@click.option("--n-boot", default=10_000, show_default=True, help="Bootstrap resamples per interval.")
 @friendly
-def bench(engines, backend, device, threads, decoders, prompt_set, n, max_new_tokens, temperature, top_k, top_p,
-          gamma, beam_width, threshold, seed, concurrency, spec_policy, energy_kind, peers, out, score_engines) -> None:
-    """Speed, acceptance, perplexity, pass@1 and energy per token for each decoder."""
-    from rich.progress import Progress
+def bench(engines, backend, device, threads, decoders, prompt_set, n, seeds, max_new_tokens, temperature, top_k, top_p,
+          gamma, beam_width, threshold, seed, concurrency, spec_policy, energy_kind, peers, peer_ort_model, peer_gguf,
+          out, resume, score_engines, score_threads, n_boot) -> None:
+    """Speed, acceptance, perplexity, pass@1 and energy per token for each decoder, with intervals."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from mtad_trt.bench.report import markdown, write_report
     from mtad_trt.bench.run import BenchConfig, run_bench
 
     cfg = BenchConfig(engines=str(engines), decoders=tuple(d for d in decoders.split(",") if d), prompts=prompt_set,
-                      n=n, max_new_tokens=max_new_tokens, backend=backend, device=device, threads=threads,
+                      n=n, seeds=seeds, max_new_tokens=max_new_tokens, backend=backend, device=device, threads=threads,
                       seed=seed, temperature=temperature, top_k=top_k, top_p=top_p, gamma=gamma,
                       beam_width=beam_width, threshold=threshold, energy=energy_kind,
                       peers=tuple(p for p in peers.split(",") if p), out=str(out), concurrency=concurrency,
-                      spec_policy=spec_policy,
+                      spec_policy=spec_policy, resume=resume, n_boot=n_boot, score_threads=score_threads,
+                      peer_ort_model=str(peer_ort_model) if peer_ort_model else None,
+                      peer_gguf=str(peer_gguf) if peer_gguf else None,
                       score_engines=str(score_engines) if score_engines else None)
-    with Progress(transient=True) as bar:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("elapsed"),
+               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, transient=True) as bar:
         tasks: dict[str, int] = {}
 
-        def progress(decoder: str, done: int, total: int) -> None:
-            if decoder not in tasks:
-                tasks[decoder] = bar.add_task(decoder, total=total)
-            bar.update(tasks[decoder], completed=done)
+        def progress(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:  # a resumed run starts at `done`: the ETA counts only this session's pace
+                tasks[phase] = bar.add_task(phase, total=total, completed=done)
+            bar.update(tasks[phase], completed=done)
 
-        record = run_bench(cfg, progress)
+        try:
+            record = run_bench(cfg, progress)
+        except KeyboardInterrupt:
+            click.echo(f"interrupted: every finished request is in {out}/records.jsonl; "
+                       "continue with the same command plus --resume", err=True)
+            sys.exit(130)
     files = write_report(record, out)
     click.echo(markdown(record))
     click.echo("wrote " + ", ".join(str(f) for f in files))

@@ -67,7 +67,7 @@ def main() -> None:
 
     from pathlib import Path
 
-    from mtad_trt import prompts as prompt_sets
+    from mtad_trt.bench import prompts as prompt_sets
     from mtad_trt.pipeline import load_tokenizer
 
     tok = load_tokenizer(Path(args.engines[0]) / "tokenizer")

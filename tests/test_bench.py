@@ -1,12 +1,16 @@
-"""The bench's record, report and plots on a tiny engine (a short real run)."""
+"""The bench on a tiny engine: record and report, interleaving, resume after an interruption, peers."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
-from mtad_trt.bench.report import write_report
+from mtad_trt.bench.journal import JOURNAL
+from mtad_trt.bench.report import markdown, write_report
 from mtad_trt.bench.run import RECORD_VERSION, BenchConfig, run_bench
 from mtad_trt.errors import MtadError
 
@@ -19,36 +23,210 @@ def prompt_file(tmp_path_factory):
     return path
 
 
+def _cfg(engine, prompt_file, out, **kw) -> BenchConfig:
+    base = dict(engines=str(engine), decoders=("ar", "sps", "mtad"), prompts=str(prompt_file), n=3, seeds=2,
+                max_new_tokens=8, energy="none", out=str(out), n_boot=500)
+    return BenchConfig(**{**base, **kw})
+
+
+def _lines(out) -> list[dict]:
+    return [json.loads(line) for line in (out / JOURNAL).read_text().splitlines()]
+
+
 def test_bench_record_and_report(pair_engine, prompt_file, tmp_path):
-    cfg = BenchConfig(engines=str(pair_engine), decoders=("ar", "mtad", "mmtad"), prompts=str(prompt_file), n=3,
-                      max_new_tokens=12, energy="none", out=str(tmp_path))
-    record = run_bench(cfg)
+    cfg = _cfg(pair_engine, prompt_file, tmp_path, decoders=("ar", "sps", "mtad", "mmtad"), peers=("hf-ar",),
+               max_new_tokens=12, seeds=1)
+    calls = []
+    record = run_bench(cfg, lambda phase, done, total: calls.append((phase, done, total)))
     files = write_report(record, tmp_path)
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["record_version"] == RECORD_VERSION
-    assert set(saved["results"]) == {"ar", "mtad", "mmtad"}
+    assert set(saved["results"]) == {"ar", "sps", "mtad", "mmtad", "peer:hf-ar"}
     for name, res in saved["results"].items():
         s = res["summary"]
-        assert s["requests"] == 3 and s["generated_tokens"] == 36
-        assert s["perplexity"] > 1
-        assert s["ttft_s"]["p50"] > 0 and s["tpot_s"]["p50"] > 0
-        assert len(res["rows"]) == 3 and all(r["mean_logprob"] < 0 for r in res["rows"])
+        assert s["requests"] == 3
+        if name.startswith("peer:"):
+            assert s["tokens_per_s"] > 0 and "transformers" in s["note"]
+            continue
+        assert s["generated_tokens"] == 36
+        assert s["perplexity"] > 1 and s["ttft_s"]["p50"] > 0 and s["tpot_s"]["p50"] > 0
+        assert all(r["mean_logprob"] < 0 and r["scored_tokens"] == 12 for r in res["rows"])
         if name != "ar":
-            assert len(s["accepted_per_position"]) == 4
-            assert s["tokens_per_target_call"] >= 1
-    # Same seeds, same prompts: the decoders' perplexities are computed on their own outputs.
-    assert saved["energy_method"].startswith("unavailable") or "off" in saved["energy_method"]
-    assert "| mmtad |" in (tmp_path / "summary.md").read_text()
-    assert any(f.suffix == ".png" for f in files)
+            assert len(s["accepted_per_position"]) == 4 and s["tokens_per_target_call"] >= 1
+    paired = saved["paired"]
+    assert set(paired["speed"]) == {"sps", "mtad", "mmtad", "peer:hf-ar"}
+    assert all(sp["units"] == 3 and sp["p25"] <= sp["median"] <= sp["p75"] for sp in paired["speed"].values())
+    for d in ("sps", "mtad", "mmtad"):
+        c = paired["perplexity"][d]
+        assert c["prompts"] == 3 and c["ppl_ratio"]["lo"] <= c["ppl_ratio"]["estimate"] <= c["ppl_ratio"]["hi"]
+        assert len(paired["acceptance_per_position"][d]) == 4
+    assert set(paired["speed_vs_sps"]) == {"mtad", "mmtad"}
+    assert paired["control"]["decoder"] == "sps" and paired["control"]["ok"] in (True, False)
+    # progress: one tick per (system, request) and per scored output, ending at the totals
+    assert ("generate", 15, 15) in calls and ("score", 12, 12) in calls
+    text = (tmp_path / "summary.md").read_text()
+    assert "| mmtad |" in text and "**Control:**" in text and "interleaved per prompt" in text
+    assert "peer:hf-ar" in text and "Acceptance per draft position" in text
+    assert {f.name for f in files} >= {"speed_quality.png", "acceptance_per_position.png"}
 
 
-def test_bench_refuses_unknown_decoder(pair_engine, prompt_file):
+def test_systems_run_interleaved_and_rotated(pair_engine, prompt_file, tmp_path):
+    run_bench(_cfg(pair_engine, prompt_file, tmp_path, seeds=1))
+    windows = [(r["unit"], r["system"]) for r in _lines(tmp_path) if r["type"] == "window"]
+    assert windows == [(0, "ar"), (0, "sps"), (0, "mtad"), (1, "sps"), (1, "mtad"), (1, "ar"),
+                       (2, "mtad"), (2, "ar"), (2, "sps")]
+
+
+def test_concurrency_interleaves_per_batch(pair_engine, prompt_file, tmp_path):
+    record = run_bench(_cfg(pair_engine, prompt_file, tmp_path, decoders=("ar", "mtad"), seeds=1, concurrency=2))
+    lines = _lines(tmp_path)
+    assert [(r["unit"], r["system"]) for r in lines if r["type"] == "window"] == [
+        (0, "ar"), (0, "mtad"), (1, "mtad"), (1, "ar")]
+    assert [r["requests"] for r in lines if r["type"] == "window"] == [2, 2, 1, 1]
+    assert "batch of 2" in record["interleaving"] and "batch of 2" in markdown(record)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _interrupt_at(phase: str, at: int):
+    def progress(p, done, total):
+        if p == phase and done == at:
+            raise Interrupt
+
+    return progress
+
+
+def _deterministic(record: dict) -> dict:
+    """What must not depend on where a run was interrupted (everything but the clock)."""
+    keep = ("requests", "generated_tokens", "tokens_per_target_call", "acceptance_rate", "accepted_per_position",
+            "perplexity", "perplexity_token_weighted", "scored_requests")
+    out = {}
+    for name, res in record["results"].items():
+        out[name] = {k: res["summary"].get(k) for k in keep}
+        out[name]["rows"] = [(r["prompt_id"], r["seed"], r["token_ids"], r["mean_logprob"]) for r in res["rows"]]
+    p = record["paired"]
+    out["paired"] = {k: p[k] for k in ("perplexity", "perplexity_ci", "control", "acceptance_per_position")}
+    return out
+
+
+def test_resume_after_interruption(pair_engine, prompt_file, tmp_path):
+    full = run_bench(_cfg(pair_engine, prompt_file, tmp_path / "full"))
+    out = tmp_path / "cut"
+    cfg = _cfg(pair_engine, prompt_file, out)
+    with pytest.raises(Interrupt):  # killed after 5 of 18 generation records
+        run_bench(cfg, _interrupt_at("generate", 5))
+    assert sum(r["type"] == "gen" for r in _lines(out)) == 5
+    # the process also died inside the next unit: an uncommitted gen line and a torn line
+    gen = next(r for r in _lines(out) if r["type"] == "gen")
+    with (out / JOURNAL).open("a") as f:
+        f.write(json.dumps({**gen, "unit": 5, "system": "mtad"}) + "\n")
+        f.write('{"type": "gen", "system": "sps", "prompt_')
+    with pytest.raises(MtadError, match="--resume"):
+        run_bench(cfg)  # never overwrites a journal by accident
+    with pytest.raises(MtadError, match="settings differ.*max_new_tokens"):
+        run_bench(_cfg(pair_engine, prompt_file, out, max_new_tokens=9, resume=True))
+    with pytest.raises(Interrupt):  # resumed, then killed again while scoring
+        run_bench(_cfg(pair_engine, prompt_file, out, resume=True), _interrupt_at("score", 7))
+    ticks = []
+    record = run_bench(_cfg(pair_engine, prompt_file, out, resume=True), lambda *a: ticks.append(a))
+    assert ticks[0] == ("generate", 18, 18) and ticks[1] == ("score", 7, 18)  # nothing left to generate
+    lines = _lines(out)
+    gens = [(r["system"], r["prompt_id"], r["seed"]) for r in lines if r["type"] == "gen"]
+    scores = [(r["system"], r["prompt_id"], r["seed"]) for r in lines if r["type"] == "score"]
+    expected = {(s, p, seed) for s in ("ar", "sps", "mtad") for i, p in enumerate(["0", "1", "2"])
+                for seed in (i, i + 10000)}
+    assert len(gens) == len(set(gens)) == 18 and set(gens) == expected  # no duplicate, none missing
+    assert len(scores) == len(set(scores)) == 18 and set(scores) == expected
+    assert sum(r["type"] == "window" for r in lines) == 18
+    assert _deterministic(record) == _deterministic(full)
+    assert record["journal"]["resumed_records"] == 18
+    t = record["run_time"]  # the killed sessions' work counts, the gaps between sessions do not
+    assert t["generate_sessions"] == 2 and t["score_sessions"] == 2
+    assert 0 < t["windows_s"] <= t["generate_s"] and t["score_s"] > 0
+    assert "2 session(s)" in markdown(record)
+
+
+def test_journal_resume_of_a_finished_run_only_rebuilds_the_report(pair_engine, prompt_file, tmp_path):
+    first = run_bench(_cfg(pair_engine, prompt_file, tmp_path, seeds=1))
+    size = (tmp_path / JOURNAL).stat().st_size
+    again = run_bench(_cfg(pair_engine, prompt_file, tmp_path, seeds=1, resume=True))
+    assert (tmp_path / JOURNAL).stat().st_size == size
+    assert _deterministic(again) == _deterministic(first)
+
+
+def test_peers_refuse_before_generating(pair_engine, prompt_file, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as where llama-cpp-python is not built
+    with pytest.raises(MtadError, match=r"llama-cpp-python.*CMAKE_ARGS=.*pip install"):
+        run_bench(_cfg(pair_engine, prompt_file, tmp_path / "l", peers=("llama.cpp",)))
+    assert [r["type"] for r in _lines(tmp_path / "l")] == ["header"]
+    monkeypatch.setitem(sys.modules, "onnxruntime_genai", None)
+    with pytest.raises(MtadError, match=r"onnxruntime-genai.*pip install"):
+        run_bench(_cfg(pair_engine, prompt_file, tmp_path / "o", peers=("ort-genai",)))
+    with pytest.raises(MtadError, match="unknown peer"):
+        run_bench(_cfg(pair_engine, prompt_file, tmp_path / "u", peers=("vllm",)))
+
+
+def test_llamacpp_peer_needs_a_gguf(pair_engine, prompt_file, tmp_path, monkeypatch):
+    import types
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.ModuleType("llama_cpp"))  # installed, but no GGUF known
+    with pytest.raises(MtadError, match="--peer-gguf"):
+        run_bench(_cfg(pair_engine, prompt_file, tmp_path, peers=("llama.cpp",)))
+
+
+def test_ort_genai_peer(pair_engine, prompt_file, tmp_path, monkeypatch):
+    """Runs where onnxruntime-genai is installed (the `peers` extra): its model builder on the tiny
+    target's HF folder, int4, then AR decoding interleaved with ours."""
+    pytest.importorskip("onnxruntime_genai")
+    monkeypatch.setenv("MTAD_TRT_HOME", str(tmp_path / "home"))
+    record = run_bench(_cfg(pair_engine, prompt_file, tmp_path / "out", decoders=("ar",), seeds=1,
+                            peers=("ort-genai",)))
+    s = record["results"]["peer:ort-genai"]["summary"]
+    assert s["requests"] == 3 and s["generated_tokens"] > 0 and "ONNX Runtime GenAI" in s["note"]
+    assert record["paired"]["speed"]["peer:ort-genai"]["units"] == 3
+    assert (tmp_path / "home" / "ort-genai").is_dir()
+
+
+def test_bench_refuses_unknown_decoder(pair_engine, prompt_file, tmp_path):
     with pytest.raises(MtadError, match="unknown decoder"):
-        run_bench(BenchConfig(engines=str(pair_engine), decoders=("beam",), prompts=str(prompt_file)))
+        run_bench(BenchConfig(engines=str(pair_engine), decoders=("beam",), prompts=str(prompt_file), out=str(tmp_path)))
 
 
 def test_bad_prompt_file(tmp_path, pair_engine):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{not json}\n")
     with pytest.raises(MtadError, match="bad.jsonl:1"):
-        run_bench(BenchConfig(engines=str(pair_engine), prompts=str(bad)))
+        run_bench(BenchConfig(engines=str(pair_engine), prompts=str(bad), out=str(tmp_path)))
+
+
+def test_cli_bench_seeds_and_resume(pair_engine, prompt_file, tmp_path):
+    args = [sys.executable, "-m", "mtad_trt.cli", "bench", str(pair_engine), "--decoders", "ar,sps",
+            "--prompts", str(prompt_file), "--n", "2", "--seeds", "2", "--max-new-tokens", "6", "--energy", "none",
+            "--n-boot", "200", "--out", str(tmp_path)]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    res = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "**Control:**" in res.stdout and "2 seed(s)" in res.stdout
+    again = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 1 and "--resume" in again.stderr and "Traceback" not in again.stderr
+    resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert sum(json.loads(x)["type"] == "gen" for x in (tmp_path / JOURNAL).read_text().splitlines()) == 8
+
+
+def test_llamacpp_peer(pair_engine, prompt_file, tmp_path):
+    """Runs where llama-cpp-python is built (docs/results.md section 4) and the SmolLM2 GGUF is
+    fetched: the peer only times decoding from our token ids, so any GGUF will do here."""
+    pytest.importorskip("llama_cpp")
+    from mtad_trt.export.registry import gguf_path
+
+    gguf = gguf_path("smollm2-135m")
+    if not gguf.is_file():
+        pytest.skip(f"no {gguf} (mtad-trt models fetch smollm2-135m)")
+    record = run_bench(_cfg(pair_engine, prompt_file, tmp_path, decoders=("ar",), seeds=1, peers=("llama.cpp",),
+                            peer_gguf=str(gguf)))
+    s = record["results"]["peer:llama.cpp"]["summary"]
+    assert s["requests"] == 3 and s["generated_tokens"] > 0 and "llama-cpp-python" in s["note"]
+    assert s["decode_tokens_per_s_p50"] > 0 and record["paired"]["speed"]["peer:llama.cpp"]["units"] == 3

@@ -1,8 +1,14 @@
-"""`mtad-trt bench`: speed, acceptance, output quality and energy per token, per decoder.
+"""`mtad-trt bench`: speed, acceptance, output quality and energy per token, per decoder and peer.
 
-Every decoder sees the same prompts with the same per-prompt seeds. Timing and energy windows
-cover generation only; quality (perplexity under the raw target, HumanEval pass@1) is computed
-afterwards, outside the windows. One warm-up request per decoder is excluded.
+The run, in three phases:
+
+1. generation, interleaved (`interleave`): prompt by prompt (or batch by batch with --concurrency),
+   every decoder and peer runs the same (prompt, seed) jobs in a rotated order, each inside its own
+   timing/energy window; every request is appended to the journal as it finishes (`journal`), so an
+   interrupted run resumes with --resume. One warm-up request per decoder per session is excluded.
+2. quality, outside every timed window: perplexity of each output under a raw target
+   (--score-engines, e.g. float32 for int4 runs) and HumanEval pass@1 in the sandbox, also journaled.
+3. the record: per-system summaries and paired statistics (`summary`, `stats`), written by `report`.
 """
 
 from __future__ import annotations
@@ -15,19 +21,22 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-
 import mtad_trt
-from mtad_trt.bench import energy, metrics, prompts
-from mtad_trt.bench.quality import perplexity, token_weighted_perplexity
+from mtad_trt.bench import energy, interleave, metrics, prompts
+from mtad_trt.bench.journal import Journal
+from mtad_trt.bench.summary import build_results, run_time
 from mtad_trt.errors import MtadError
 from mtad_trt.manifest import sha256_file
 from mtad_trt.params import DECODERS, DEFAULTS
 from mtad_trt.pipeline import Pipeline
-from mtad_trt.stats import Stats
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2
 HUMANEVAL_STOPS = ("\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint(")
+PEER_PREFIX = "peer:"
+# Settings that do not change the results: a resumed run may differ in these.
+NOT_IN_FINGERPRINT = ("out", "resume", "score_threads", "n_boot")
+
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
 
 @dataclass
@@ -36,6 +45,7 @@ class BenchConfig:
     decoders: tuple[str, ...] = DECODERS
     prompts: str = "humaneval"
     n: int = 10
+    seeds: int = 1  # seeds per prompt: prompt i, seed index k uses seed + i + k * interleave.SEED_STRIDE
     max_new_tokens: int = DEFAULTS["max_new_tokens"]
     backend: str = "auto"
     device: str = "auto"
@@ -49,12 +59,21 @@ class BenchConfig:
     threshold: float = DEFAULTS["threshold"]
     energy: str = "auto"
     warmup: int = 1
-    concurrency: int = 1  # requests at once (batch rows); the rest join as rows free up
+    concurrency: int = 1  # requests at once (batch rows); the interleaving unit is then a batch
     spec_policy: str = "fixed"
     peers: tuple[str, ...] = ()
+    peer_ort_model: str | None = None  # ORT GenAI model folder (default: built from the target's HF folder)
+    peer_gguf: str | None = None  # llama.cpp GGUF (default: the target's fetched GGUF)
     out: str = "bench-out"
+    resume: bool = False
     score_engines: str | None = None  # score perplexity with this folder's target (e.g. float32 for int4 runs)
+    score_threads: int | None = None  # threads for scoring (outside every timed window); default: threads
+    n_boot: int = 10_000  # bootstrap resamples for every interval
     extra: dict = field(default_factory=dict)
+
+
+def fingerprint(cfg: BenchConfig) -> dict:
+    return {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_FINGERPRINT}
 
 
 def _settings(cfg: BenchConfig, decoder: str, seed: int, stops: tuple[str, ...]) -> dict:
@@ -63,26 +82,21 @@ def _settings(cfg: BenchConfig, decoder: str, seed: int, stops: tuple[str, ...])
                 threshold=cfg.threshold, stop=stops)
 
 
-def run_requests(pipe: Pipeline, jobs: list[tuple[list[int], dict]], progress=None) -> list[dict]:
+def run_requests(pipe: Pipeline, jobs: list[tuple[list[int], dict]]) -> list[dict]:
     """Timed requests, up to pipe.max_batch at once (the rest join as rows free up: a closed loop of
     max_batch clients). Every emitted token gets the time its chunk arrived; TTFT counts from when
     the request got its row."""
     reqs = [pipe.prepare(ids, **settings) for ids, settings in jobs]
     times: dict[int, list[float]] = {id(r): [] for r in reqs}
     texts: dict[int, list[str]] = {id(r): [] for r in reqs}
-    done = 0
     for update in pipe.run(reqs):
         now = time.perf_counter()
         req = update.request
         if update.piece is not None:
             times[id(req)] += [now] * len(update.piece.token_ids)
             texts[id(req)].append(update.piece.text)
-        if update.finished:
-            if req.error is not None:
-                raise req.error
-            done += 1
-            if progress:
-                progress(done, len(reqs))
+        if update.finished and req.error is not None:
+            raise req.error
     rows = []
     for req in reqs:
         t = times[id(req)] or [time.perf_counter()]
@@ -92,115 +106,153 @@ def run_requests(pipe: Pipeline, jobs: list[tuple[list[int], dict]], progress=No
     return rows
 
 
-def summarize(rows: list[dict], reading: energy.EnergyReading | None, window_s: float | None = None) -> dict:
-    total = Stats.total([Stats.from_dict(r["stats"]) for r in rows])
-    gen = total.generated_tokens
-    lat = metrics.summarize_latencies(metrics.RequestTiming(**r["timing"]) for r in rows)
-    lps = [r["logprobs"] for r in rows if r.get("logprobs") is not None and len(r["logprobs"])]
-    out = {
-        "requests": len(rows),
-        "generated_tokens": gen,
-        "tokens_per_s": total.tokens_per_s,  # per request: Σ tokens / Σ request wall times
-        "aggregate_tokens_per_s": gen / window_s if window_s else None,  # all requests: tokens / window
-        "tokens_per_s_per_request": lat.output_tokens_per_s,
-        "ttft_s": lat.ttft_s,
-        "tpot_s": lat.tpot_s,
-        "tokens_per_target_call": total.tokens_per_target_call,
-        "acceptance_rate": total.acceptance_rate if total.iterations and total.gamma else None,
-        "accepted_per_position": [x / total.iterations for x in total.accepted_per_position] if total.iterations else [],
-        "perplexity": perplexity(lps) if lps else None,  # the paper's: mean over samples
-        "perplexity_token_weighted": token_weighted_perplexity(lps) if lps else None,
-        "time_split_s": {"prefill_s": total.prefill_s, "draft_s": total.draft_s, "verify_s": total.verify_s,
-                         "other_s": sum(Stats.from_dict(r["stats"]).other_s for r in rows)},
-    }
-    if reading is not None:
-        out["energy"] = reading.to_dict()
-        out["joules_per_token"] = metrics.joules_per_token(reading, gen)
-    passes = [r["passed"] for r in rows if "passed" in r]
-    if passes:
-        out["pass_at_1"] = float(np.mean(passes))
-    return out
+class _Run:
+    """One bench session: the loaded pipeline, peers, meter and journal, and the loop over units."""
+
+    def __init__(self, cfg: BenchConfig, progress: Progress | None) -> None:
+        for d in cfg.decoders:
+            if d not in DECODERS:
+                raise MtadError(f"unknown decoder '{d}' (choose from {', '.join(DECODERS)})")
+        self.cfg, self.progress = cfg, progress
+        self.items = prompts.load(cfg.prompts, cfg.n)
+        if not self.items:
+            raise MtadError(f"prompt set '{cfg.prompts}' is empty")
+        self.humaneval = all("entry_point" in p.meta for p in self.items)
+        self.stops = HUMANEVAL_STOPS if self.humaneval else ()
+        self.systems = tuple(cfg.decoders) + tuple(PEER_PREFIX + p for p in cfg.peers)
+        self.units = interleave.plan([p.id for p in self.items], self.systems, cfg.seeds, cfg.seed, cfg.concurrency)
+
+    def generate(self, journal: Journal) -> tuple[str, str]:
+        cfg = self.cfg
+        pipe = Pipeline.load(cfg.engines, backend=cfg.backend, device=cfg.device, threads=cfg.threads,
+                             load_draft=any(d != "ar" for d in cfg.decoders), max_batch=cfg.concurrency,
+                             spec_policy=cfg.spec_policy)
+        self.encoded = [pipe.encode(p.text, chat=p.chat) for p in self.items]
+        self.tokenizer = pipe.tokenizer
+        backend = pipe.backend
+        peers: dict[str, object] = {}
+        meter = None
+        try:
+            on_gpu = backend.endswith("cuda")
+            sync = None
+            if on_gpu:
+                import torch
+
+                sync = torch.cuda.synchronize  # queued GPU work must land inside the measured window
+            meter = energy.open_meter(cfg.energy, device="cuda" if on_gpu else "cpu", sync=sync)
+            todo = [(u, s) for u in self.units for s in u.order if not journal.done(s, u.index)]
+            if todo:
+                from mtad_trt.bench.peers import open_peer
+
+                for p in cfg.peers:  # refuse before any generation, not an hour into the run
+                    peers[PEER_PREFIX + p] = open_peer(p, cfg)
+            total = sum(len(u.jobs) for u in self.units) * len(self.systems)
+            done = total - sum(len(u.jobs) for u, _ in todo)
+            self._tick("generate", done, total)
+            warm = {s for _, s in todo}
+            for system in self.systems:
+                if system in warm:
+                    self._warm(pipe, peers, system)
+            for unit, system in todo:
+                gens, window = self._unit(pipe, peers, meter, unit, system)
+                journal.commit_unit(system, unit.index, gens, window)
+                done += len(unit.jobs)
+                self._tick("generate", done, total)
+            return backend, meter.method
+        finally:
+            for peer in peers.values():
+                peer.close()
+            if meter is not None:
+                meter.close()
+            pipe.close()  # free the generating engines before a float32 scorer loads
+
+    def _tick(self, phase: str, done: int, total: int) -> None:
+        if self.progress:
+            self.progress(phase, done, total)
+
+    def _warm(self, pipe, peers, system: str) -> None:
+        for w in range(self.cfg.warmup):
+            ids = self.encoded[w % len(self.encoded)]
+            if system in peers:
+                peers[system].generate(ids, self.cfg.seed, max_new=8)
+            else:
+                run_requests(pipe, [(ids, _settings(self.cfg, system, self.cfg.seed, self.stops) | {"max_new_tokens": 8})])
+
+    def _unit(self, pipe, peers, meter, unit: interleave.Unit, system: str) -> tuple[list[dict], dict]:
+        """One (system, unit) inside one timing/energy window."""
+        meter.start()
+        t0 = time.perf_counter()
+        if system in peers:
+            rows = [peers[system].generate(self.encoded[j.prompt_index], j.seed) for j in unit.jobs]
+        else:
+            jobs = [(self.encoded[j.prompt_index], _settings(self.cfg, system, j.seed, self.stops)) for j in unit.jobs]
+            rows = run_requests(pipe, jobs)
+        window_s = time.perf_counter() - t0
+        reading = meter.stop()
+        gens = []
+        for j, row in zip(unit.jobs, rows, strict=True):
+            gens.append({"prompt_id": j.prompt_id, "prompt_index": j.prompt_index, "seed": j.seed,
+                         "seed_index": j.seed_index, **row})
+        tokens = sum(len(r["token_ids"]) if "stats" in r else r["generated_tokens"] for r in rows)
+        window = {"window_s": window_s, "tokens": tokens, "requests": len(rows), "joules": reading.joules,
+                  "energy": reading.to_dict()}
+        if system in peers:
+            window["note"] = peers[system].note
+        return gens, window
+
+    def score(self, journal: Journal, tokenizer_of_run) -> None:
+        """Quality of every unscored output of our decoders, outside every timed window."""
+        cfg = self.cfg
+        todo = [k for k, g in sorted(journal.gens.items(), key=lambda kv: (kv[1]["unit"], kv[0]))
+                if not k[0].startswith(PEER_PREFIX) and k not in journal.scores]
+        total = sum(1 for k in journal.gens if not k[0].startswith(PEER_PREFIX))
+        self._tick("score", total - len(todo), total)
+        if not todo:
+            return
+        scorer = Pipeline.load(cfg.score_engines or cfg.engines, backend=cfg.backend, device=cfg.device,
+                               threads=cfg.score_threads or cfg.threads, load_draft=False)
+        try:
+            if tokenizer_of_run is not None and scorer.tokenizer.get_vocab() != tokenizer_of_run.get_vocab():
+                raise MtadError(f"{cfg.score_engines} uses another tokenizer than {cfg.engines}: cannot score with it")
+            encoded = [scorer.encode(p.text, chat=p.chat) for p in self.items]
+            for i, key in enumerate(todo):
+                t0 = time.perf_counter()
+                g = journal.gens[key]
+                lp = scorer.score(encoded[g["prompt_index"]], g["token_ids"])
+                rec = {"scored_tokens": len(lp), "logprob_sum": float(lp.sum()),
+                       "mean_logprob": float(lp.mean()) if len(lp) else None}
+                if self.humaneval:
+                    from mtad_trt.bench.sandbox import check_correctness
+
+                    r = check_correctness(self.items[g["prompt_index"]].meta, g["text"], timeout_s=5.0)
+                    rec.update(passed=r.passed, sandbox_status=r.status)
+                rec["score_s"] = time.perf_counter() - t0
+                journal.add_score(key, rec)
+                self._tick("score", total - len(todo) + i + 1, total)
+        finally:
+            scorer.close()
 
 
-def _generate_all(pipe, meter, cfg, decoder, items, encoded, stops, progress) -> dict:
-    """All prompts through one decoder inside one timing/energy window (after warm-up)."""
-    warm = [(encoded[w % len(encoded)], _settings(cfg, decoder, cfg.seed, stops) | {"max_new_tokens": 8})
-            for w in range(cfg.warmup)]
-    if warm:
-        run_requests(pipe, warm)
-    jobs = [(ids, _settings(cfg, decoder, cfg.seed + i, stops)) for i, ids in enumerate(encoded)]
-    meter.start()
-    t0 = time.perf_counter()
-    rows = run_requests(pipe, jobs, (lambda done, total: progress(decoder, done, total)) if progress else None)
-    window = time.perf_counter() - t0
-    for p, row in zip(items, rows, strict=True):
-        row["prompt_id"] = p.id
-    return {"rows": rows, "reading": meter.stop(), "window_s": window}
-
-
-def run_bench(cfg: BenchConfig, progress: Callable[[str, int, int], None] | None = None) -> dict:
-    for d in cfg.decoders:
-        if d not in DECODERS:
-            raise MtadError(f"unknown decoder '{d}' (choose from {', '.join(DECODERS)})")
-    items = prompts.load(cfg.prompts, cfg.n)
-    if not items:
-        raise MtadError(f"prompt set '{cfg.prompts}' is empty")
-    humaneval = all("entry_point" in p.meta for p in items)
-    stops = HUMANEVAL_STOPS if humaneval else ()
-    pipe = Pipeline.load(cfg.engines, backend=cfg.backend, device=cfg.device, threads=cfg.threads,
-                         load_draft=any(d != "ar" for d in cfg.decoders), max_batch=cfg.concurrency,
-                         spec_policy=cfg.spec_policy)
-    on_gpu = pipe.backend.endswith("cuda")
-    sync = None
-    if on_gpu:
-        import torch
-
-        sync = torch.cuda.synchronize  # queued GPU work must land inside the measured window
-    meter = energy.open_meter(cfg.energy, device="cuda" if on_gpu else "cpu", sync=sync)
-    encoded = [pipe.encode(p.text, chat=p.chat) for p in items]
+def run_bench(cfg: BenchConfig, progress: Progress | None = None) -> dict:
+    run = _Run(cfg, progress)
+    journal = Journal(cfg.out, fingerprint(cfg), resume=cfg.resume)
     try:
-        results = {d: _generate_all(pipe, meter, cfg, d, items, encoded, stops, progress) for d in cfg.decoders}
+        backend, energy_method = run.generate(journal)
+        run.score(journal, run.tokenizer)
+        results, paired = build_results(journal, run.systems, cfg.n_boot)
+        times = run_time(journal)
     finally:
-        meter.close()
-        pipe.close()  # free the generating engines before a float32 scorer loads
-    # Quality, outside every timed window: perplexity under a raw target, HumanEval in the sandbox.
-    scorer = Pipeline.load(cfg.score_engines or cfg.engines, backend=cfg.backend, device=cfg.device,
-                           threads=cfg.threads, load_draft=False)
-    try:
-        if scorer.tokenizer.get_vocab() != pipe.tokenizer.get_vocab():
-            raise MtadError(f"{cfg.score_engines} uses another tokenizer than {cfg.engines}: cannot score with it")
-        for res in results.values():
-            rows = res["rows"]
-            for row, ids in zip(rows, encoded, strict=True):
-                row["logprobs"] = scorer.score(ids, row["token_ids"])
-            if humaneval:
-                from mtad_trt.bench.sandbox import check_correctness_batch
-
-                done = check_correctness_batch([(p.meta, r["text"]) for p, r in zip(items, rows, strict=True)],
-                                               timeout_s=5.0)
-                for row, r in zip(rows, done, strict=True):
-                    row["passed"], row["sandbox_status"] = r.passed, r.status
-            res["summary"] = summarize(rows, res.pop("reading"), res.pop("window_s", None))
-    finally:
-        scorer.close()
-    for peer in cfg.peers:
-        from mtad_trt.bench.peers import run_peer
-
-        results[f"peer:{peer}"] = run_peer(peer, cfg, items, encoded)
-    return _record(cfg, pipe, meter, results)
+        journal.close()
+    return _record(cfg, backend, energy_method, results, paired, run, journal, times)
 
 
-def _record(cfg: BenchConfig, pipe: Pipeline, meter, results: dict) -> dict:
+def _record(cfg: BenchConfig, backend: str, energy_method: str, results: dict, paired: dict, run: _Run,
+            journal: Journal, times: dict) -> dict:
     import onnxruntime
     import torch
     import transformers
 
     manifest = Path(cfg.engines) / "manifest.json"
-    for res in results.values():
-        for row in res.get("rows", []):
-            lp = row.pop("logprobs", None)
-            row["mean_logprob"] = float(np.mean(lp)) if lp is not None and len(lp) else None
-            row["scored_tokens"] = 0 if lp is None else len(lp)
     return {
         "record_version": RECORD_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -208,11 +260,16 @@ def _record(cfg: BenchConfig, pipe: Pipeline, meter, results: dict) -> dict:
                     "cpus": os.cpu_count(), "gpu": _gpu_name()},
         "versions": {"mtad_trt": mtad_trt.__version__, "onnxruntime": onnxruntime.__version__,
                      "torch": torch.__version__, "transformers": transformers.__version__},
-        "backend": pipe.backend,
+        "backend": backend,
         "engine_manifest_sha256": sha256_file(manifest),
-        "energy_method": meter.method,
+        "energy_method": energy_method,
         "settings": asdict(cfg),
+        "interleaving": interleave.describe(cfg.concurrency),
+        "units": len(run.units),
+        "journal": {"path": str(journal.path), "resumed_records": journal.resumed},
+        "run_time": times,
         "results": results,
+        "paired": paired,
     }
 
 
