@@ -19,11 +19,11 @@ from pathlib import Path
 import onnx
 
 import mtad_trt
-from mtad_trt.contract import spec_from_model
+from mtad_trt.contract import spec_from_model, unsupported_feature
 from mtad_trt.errors import MtadError
 from mtad_trt.export import sources
 from mtad_trt.export.onnx_export import export_onnx
-from mtad_trt.export.parity import check_parity, reference_cases
+from mtad_trt.export.parity import check_parity, failure_line, long_layout, reference_cases
 from mtad_trt.manifest import Manifest, RoleEntry, sha256_file
 
 Progress = Callable[[str], None]
@@ -68,6 +68,9 @@ def export_role(
     model = sources.load_model(src, dtype)
     spec = spec_from_model(model, dtype, max_seq_len)
     spec.topk_head = min(topk_head, spec.vocab_size)
+    why = unsupported_feature(model, spec.max_seq_len)
+    if why is not None:
+        raise MtadError(f"{role}: cannot export: {why}")
     final_path = folder / role / "model.onnx"
     onnx_path = final_path if quant == "none" else folder / role / "float" / "model.onnx"
     say(f"{role}: exporting {spec.architecture} ({spec.num_layers} layers, vocab {spec.vocab_size}) to ONNX")
@@ -78,20 +81,17 @@ def export_role(
     except Exception as e:
         raise MtadError(f"{role}: ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
     onnx.checker.check_model(str(onnx_path))  # path form: works with external data
-    say(f"{role}: parity check against transformers")
-    cases = reference_cases(model, spec.vocab_size)
+    say(f"{role}: parity check against transformers (eager attention), up to {long_layout(spec)['context']} tokens")
+    cases = reference_cases(model, spec)
     del model  # free the torch weights before ONNX Runtime maps the graph's
     gc.collect()
-    engine = OrtRunner(onnx_path, spec, threads=1)
+    engine = OrtRunner(onnx_path, spec, threads=2)
     parity = check_parity(cases, engine)
     engine.close()
-    del engine
+    del engine, cases
     gc.collect()
     if not parity["passed"]:
-        raise MtadError(
-            f"{role}: parity check failed: max |Δlogits| {parity['worst']:.3g} > {parity['tolerance']:.3g} "
-            f"({parity['max_abs_diff']})"
-        )
+        raise MtadError(failure_line(parity, role))
     quantization = {"scheme": "none"}
     if quant != "none":
         quantization = _quantize(onnx_path, final_path, spec, quant, tokenizer, block_size, quantize_lm_head, role, say)

