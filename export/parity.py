@@ -246,10 +246,19 @@ CASE_NAMES = {"prefill": "short prefill", "decode": "short decode", "chunk": "4-
               "long_decode": "long decode", "long_tree": "tree from scratch slots"}
 
 
+def _short(x: float) -> str:
+    """3.1e-2, 1e-3: two significant digits, no exponent padding."""
+    if not np.isfinite(x):
+        return str(x)
+    mant, exp = f"{x:.1e}".split("e")
+    return f"{mant.removesuffix('.0')}e{int(exp)}"
+
+
 def failure_line(parity: dict, role: str) -> str:
     """One line naming what differed, by how much and where (what a failed export prints)."""
     case = parity["worst_case"]
     w = parity["where"][case]
     what = "top-k head differs from its own logits" if case == "topk_head" else "logits differ"
-    return (f"parity: {role} {what} by {parity['worst']:.2g} (tolerance {parity['tolerance']:.0e}) at position "
-            f"{w['position']} of a {w['context']}-token context (S bucket {w['bucket']}, {CASE_NAMES.get(case, case)})")
+    return (f"parity: {role} {what} by {_short(parity['worst'])} (tolerance {_short(parity['tolerance'])}) at "
+            f"position {w['position']} of a {w['context']}-token context (S bucket {w['bucket']}, "
+            f"{CASE_NAMES.get(case, case)})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -25,7 +26,10 @@ def test_engine_folder_contract(pair_engine):
     for _role, entry in m.roles.items():
         assert (pair_engine / entry.onnx).is_file()
         assert entry.parity["passed"] and entry.parity["worst"] <= 1e-4
-        assert set(entry.parity["max_abs_diff"]) == {"prefill", "decode", "chunk", "tree", "topk_head"}
+        assert set(entry.parity["max_abs_diff"]) == {"prefill", "decode", "chunk", "tree", "topk_head",
+                                                     "long_prefill", "long_decode", "long_tree"}
+        # the long case reaches the largest S bucket (capacity 256: buckets 128, 256)
+        assert entry.parity["long"]["bucket"] == 256 and entry.parity["where"]["long_decode"]["context"] > 128
         assert len(entry.onnx_sha256) == 64
         graph = onnx.load(str(pair_engine / entry.onnx), load_external_data=False)
         names = [i.name for i in graph.graph.input]
@@ -51,7 +55,7 @@ def test_parity_tiny_models(request, fixture, attention, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
     engine = OrtRunner(out / "target/model.onnx", m.roles["target"].spec)
     for seed in (1, 2):
-        cases = reference_cases(model, m.roles["target"].spec.vocab_size, seed=seed)
+        cases = reference_cases(model, m.roles["target"].spec, seed=seed)
         assert check_parity(cases, engine, tolerance=1e-4)["passed"]
 
 
@@ -83,12 +87,15 @@ def test_random_trees_equal_causal_paths(pair_engine, qwen_target):
 
 def test_failed_parity_leaves_nothing(tmp_path, qwen_target, monkeypatch):
     def bad(*a, **k):
-        return {"max_abs_diff": {"prefill": 1.0}, "worst": 1.0, "tolerance": 1e-3, "passed": False}
+        return {"max_abs_diff": {"long_decode": 1.0}, "worst": 1.0, "tolerance": 1e-3, "passed": False,
+                "worst_case": "long_decode", "where": {"long_decode": {"position": 612, "context": 613, "bucket": 1024}}}
 
     monkeypatch.setattr(pair_mod, "check_parity", bad)
     out = tmp_path / "engines" / "x"
-    with pytest.raises(MtadError, match="parity check failed"):
+    with pytest.raises(MtadError) as err:
         export_pair(None, str(qwen_target), out)
+    assert str(err.value) == ("parity: target logits differ by 1e0 (tolerance 1e-3) at position 612 of a "
+                              "613-token context (S bucket 1024, long decode)")
     assert not out.exists()
     assert list((tmp_path / "engines").iterdir()) == []  # no temporary folder left behind
 
@@ -101,3 +108,77 @@ def test_force_replaces_and_refuses_without(tmp_path, qwen_target):
     export_pair(None, str(qwen_target), out, max_seq_len=96, force=True)
     assert Manifest.load(out).roles["target"].spec.max_seq_len == 96
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]
+
+
+def _gemma3(window: int = 16):
+    from tiny import make_arch
+
+    from mtad_trt.contract import spec_from_model
+
+    model = make_arch("gemma3", window=window, seed=5)
+    spec = spec_from_model(model, "float32", 256)
+    spec.topk_head = 16
+    return model, spec
+
+
+def test_long_case_layout_past_window_and_in_largest_bucket():
+    from mtad_trt.export.parity import long_layout
+
+    _, spec = _gemma3()
+    lay = long_layout(spec)
+    assert lay["context"] == 136 and lay["split"] == 120 and lay["past_window"]  # 120 in bucket 128, then 256
+    spec.sliding_window = 600  # a window past the capacity cannot be exceeded: say so
+    spec.max_seq_len = 2048
+    lay = long_layout(spec)
+    assert lay["context"] == 1032 and lay["split"] == 1016 and lay["past_window"] is True
+    spec.sliding_window = 4096
+    assert long_layout(spec)["past_window"] is False
+
+
+def test_parity_catches_a_window_the_short_cases_never_reach(monkeypatch):
+    """Negative control: a runtime that ignores the sliding window passes every short case (16
+    tokens fit in the window) and fails the long one, with one line saying where."""
+    from mtad_trt import rows
+    from mtad_trt.backends.torch_backend import TorchRunner
+    from mtad_trt.export.parity import failure_line
+
+    model, spec = _gemma3()
+    runner = TorchRunner(model, spec)
+    cases = reference_cases(model, spec)
+    good = check_parity(cases, runner)
+    assert good["passed"] and good["worst"] <= 1e-4 and good["long"]["past_window"]
+
+    def no_window(inp, r, n, t, s, cache_ancestors):
+        inp.sliding_mask[r, 0, :t] = inp.attention_mask[r, 0, :t]
+
+    monkeypatch.setattr(rows, "_window", no_window)
+    bad = check_parity(cases, runner)
+    assert not bad["passed"]
+    assert all(bad["max_abs_diff"][c] <= 1e-4 for c in ("prefill", "decode", "chunk", "tree", "topk_head"))
+    assert bad["worst_case"].startswith("long_") and bad["where"][bad["worst_case"]]["position"] >= 16
+    line = failure_line(bad, "target")
+    assert re.fullmatch(r"parity: target logits differ by \d(\.\d)?e-?\d+ \(tolerance 1e-3\) at position \d+ "
+                        r"of a \d+-token context \(S bucket (128|256), (long prefill|long decode|tree from scratch "
+                        r"slots)\)", line), line
+
+
+def test_reference_is_transformers_eager_not_the_wrappers_attention(monkeypatch):
+    """The reference must not share the wrapper's attention function: a broken one fails parity
+    (with the wrapper's function as the reference too, both sides would agree)."""
+    from transformers import AttentionInterface
+
+    from mtad_trt.backends.torch_backend import TorchRunner
+    from mtad_trt.contract import wrapper
+
+    model, spec = _gemma3()
+    runner = TorchRunner(model, spec)  # sets the model's attention to the wrapper's
+
+    def skewed(module, query, key, value, attention_mask, scaling, **kw):
+        return wrapper.grouped_attention(module, query, key, value, attention_mask, scaling * 1.5, **kw)
+
+    AttentionInterface.register(wrapper.ATTN_NAME, skewed)
+    try:
+        result = check_parity(reference_cases(model, spec), runner)
+    finally:
+        AttentionInterface.register(wrapper.ATTN_NAME, wrapper.grouped_attention)
+    assert not result["passed"] and result["worst"] > 1e-2

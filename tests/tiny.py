@@ -116,9 +116,10 @@ def arch_config(arch: str, window: int = 16, vocab: int = 320, layers: int = 2, 
         return tf.Phi3Config(**common, sliding_window=window), tf.Phi3ForCausalLM
     if arch == "phi3-longrope":  # short factors up to 128 positions, long ones past them
         half = 64 // 4 // 2
-        rope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 128,
-                "short_factor": [1.0 + 0.1 * i for i in range(half)], "long_factor": [2.0 + 0.5 * i for i in range(half)]}
-        return tf.Phi3Config(**common, sliding_window=window, rope_parameters=rope), tf.Phi3ForCausalLM
+        rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0 + 0.1 * i for i in range(half)],
+                "long_factor": [2.0 + 0.5 * i for i in range(half)]}
+        return tf.Phi3Config(**common, sliding_window=window, rope_parameters=rope,
+                             original_max_position_embeddings=128), tf.Phi3ForCausalLM
     if arch == "starcoder2":  # biases, LayerNorm, GELU MLP, every layer slides
         return tf.Starcoder2Config(**common, sliding_window=window), tf.Starcoder2ForCausalLM
     raise ValueError(f"unknown architecture {arch!r} (known: {', '.join(ARCHS)})")

@@ -59,6 +59,35 @@ def _cache_keyword(model: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def _longrope_modules(model: nn.Module) -> list[nn.Module]:
+    """Rotary embeddings with LongRoPE (Phi-3): HF picks short or long factors per call from the
+    longest position, with an in-place buffer update a graph cannot hold. The export refuses a
+    capacity past `original_max_position_embeddings` (contract.unsupported_feature), so within an
+    engine the short factors always apply: the wrapper pins them (see `_pinned_rope`)."""
+    found = []
+    for m in model.modules():
+        if getattr(m, "rope_type", None) == "longrope" and hasattr(m, "original_inv_freq"):
+            with torch.no_grad():
+                m.inv_freq.copy_(m.original_inv_freq.to(m.inv_freq.device))
+            found.append(m)
+    return found
+
+
+class _pinned_rope:
+    """While the wrapper runs, LongRoPE modules run as plain rope on the (short) factors they hold."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self.modules = modules
+
+    def __enter__(self):
+        for m in self.modules:
+            m.rope_type = "default"
+
+    def __exit__(self, *exc):
+        for m in self.modules:
+            m.rope_type = "longrope"
+
+
 class ContractWrapper(nn.Module):
     """attention="grouped" (default) folds query heads onto KV heads; "eager" is transformers' own
     repeat_kv formulation, kept to measure the difference. topk > 0 adds the top-k head outputs."""
@@ -81,6 +110,7 @@ class ContractWrapper(nn.Module):
         self.masks_by_type = getattr(cfg, "layer_types", None) is not None
         self.final_softcap = getattr(cfg, "final_logit_softcapping", None)  # applied in *ForCausalLM.forward
         self.topk = topk  # > 0: also return the top-k head (values, indices, logsumexp) of every logits row
+        self.longrope = _longrope_modules(model)
 
     def _additive(self, mask: torch.Tensor) -> torch.Tensor:
         # Eager attention *adds* the mask: use finfo.min, not -inf (an all -inf row would be NaN).
@@ -104,13 +134,14 @@ class ContractWrapper(nn.Module):
         if self.sliding:
             slide = self._additive(sliding_mask)
             mask = {"full_attention": mask, "sliding_attention": slide} if self.masks_by_type else slide
-        out = self.decoder(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            attention_mask=mask,
-            use_cache=True,
-            **{self.cache_kw: cache},
-        )
+        with _pinned_rope(self.longrope):
+            out = self.decoder(
+                input_ids=input_ids,
+                position_ids=position_ids,
+                attention_mask=mask,
+                use_cache=True,
+                **{self.cache_kw: cache},
+            )
         hidden = out.last_hidden_state  # [B, T, H]
         idx = logits_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
         picked = torch.gather(hidden, 1, idx)  # [B, K, H]: the LM head runs only where asked
