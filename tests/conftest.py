@@ -19,6 +19,16 @@ torch.set_num_threads(1)
 from tiny import make_tokenizer, save_tiny  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run by default where CUDA is available and are skipped (with the reason) where not."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("tiny")

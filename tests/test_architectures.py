@@ -12,12 +12,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny import arch_config, save_arch
 from transformers import AutoModelForCausalLM
 
 from mtad_trt import Pipeline
 from mtad_trt.errors import MtadError
 from mtad_trt.export.pair import export_pair
+from tiny import arch_config, save_arch
 
 WINDOW = 16  # sliding window of the tiny models
 CAPACITY = 256  # S buckets 128 and 256

@@ -111,9 +111,8 @@ def test_force_replaces_and_refuses_without(tmp_path, qwen_target):
 
 
 def _gemma3(window: int = 16):
-    from tiny import make_arch
-
     from mtad_trt.contract import spec_from_model
+    from tiny import make_arch
 
     model = make_arch("gemma3", window=window, seed=5)
     spec = spec_from_model(model, "float32", 256)
