@@ -98,7 +98,7 @@ def test_batched_greedy_equals_alone_on_real_weights(smol_engine):
 # ------------------------------------------------------------------ Gemma 3 270M (sliding window 512)
 
 HEAVY = os.environ.get("MTAD_TRT_HEAVY") == "1"
-heavy = pytest.mark.skipif(not HEAVY, reason="Gemma 3 270M export + 600-token greedy runs take ~10 minutes: "
+heavy = pytest.mark.skipif(not HEAVY, reason="Gemma 3 270M export + 560-token greedy runs take ~7 minutes: "
                                              "set MTAD_TRT_HEAVY=1")
 GEMMA_PROMPT = "The history of the lighthouse begins in ancient Alexandria, where"
 GEMMA_CAPACITY, GEMMA_NEW = 1024, 560  # the context ends past 512 + the prompt: well past the window
