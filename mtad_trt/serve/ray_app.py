@@ -291,7 +291,7 @@ def _probe(address: str, timeout_s: float) -> None:
         raise MtadError(f"cannot reach the Ray cluster at {address}: {e} (is `ray start --head` running there?)") from None
 
 
-def connect(address: str | None, timeout_s: float = 5.0, **local: Any) -> bool:
+def connect(address: str | None, timeout_s: float = 3.0, **local: Any) -> bool:
     """Join the cluster at `address` (or start a local one with `local` ray.init arguments).
     Returns whether a local cluster was started (the caller then shuts it down)."""
     ray, _ = import_ray()
@@ -301,7 +301,16 @@ def connect(address: str | None, timeout_s: float = 5.0, **local: Any) -> bool:
         _probe(address, timeout_s)
     try:
         if address:
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+            # Something that accepts TCP but is no GCS (another service, a proxy) would otherwise
+            # keep ray.init retrying for ~20 s: Ray reads its connect budget from this variable.
+            ours = "RAY_gcs_server_port_wait_time_s" not in os.environ
+            if ours:
+                os.environ["RAY_gcs_server_port_wait_time_s"] = str(max(1, round(timeout_s)))
+            try:
+                ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+            finally:
+                if ours:
+                    os.environ.pop("RAY_gcs_server_port_wait_time_s", None)
             return False
         ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False, **local)
         return True
