@@ -315,7 +315,11 @@ def connect(address: str | None, timeout_s: float = 3.0, **local: Any) -> bool:
         ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False, **local)
         return True
     except ConnectionError as e:
-        raise MtadError(f"cannot connect to the Ray cluster at {address}: {e}") from None
+        hint = ""
+        if address and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+            hint = (" (a cluster with token authentication, Ray's default for `ray start --head`, needs "
+                    "RAY_AUTH_MODE=token and its token in RAY_AUTH_TOKEN or ~/.ray/auth_token)")
+        raise MtadError(f"cannot connect to the Ray cluster at {address}: {e}{hint}") from None
 
 
 def deploy(app, name: str = APP_NAME, timeout_s: float = 300.0, route_prefix: str = "/") -> None:
