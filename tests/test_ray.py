@@ -305,6 +305,22 @@ def test_replica_settings_and_deployment_options(pair_engine):
     assert cfg.settings().model_name == pair_engine.name
 
 
+@needs_ray
+def test_example_serve_config_is_valid_and_builds(pair_engine):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    conf = yaml.safe_load((Path(ROOT) / "examples" / "serve_config.yaml").read_text())
+    app = ServeDeploySchema(**conf).applications[0]
+    assert app.import_path == "mtad_trt.serve.ray_app:build_app"
+    assert app.deployments[0].name == ray_app.DEPLOYMENT_NAME
+    assert app.deployments[0].max_ongoing_requests == app.args["max_batch"]
+    built = ray_app.build_app({**app.args, "engines": str(pair_engine)})
+    assert built.__class__.__name__ == "Application"
+    with pytest.raises(MtadError, match="does not exist"):
+        ray_app.build_app(app.args)  # /models/... is not here: refused before anything deploys
+
+
 def test_package_imports_without_ray():
     code = "import sys; sys.modules['ray'] = None; import mtad_trt.serve, mtad_trt.serve.ray_app, mtad_trt.cli"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env(), cwd=ROOT)

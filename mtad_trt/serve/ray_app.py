@@ -94,7 +94,7 @@ class ReplicaConfig:
 class RayOptions:
     """How Ray Serve runs the replicas (the deployment's options)."""
 
-    num_replicas: int = 1
+    num_replicas: int | None = None  # None: Ray's default (1), or what a serve config says
     num_cpus: float = 1.0  # per replica
     num_gpus: float = 0.0  # per replica; give it explicitly on Jetson (docs/scale-out.md)
     max_ongoing_requests: int | None = None  # None: the replica's max batch (its real capacity)
@@ -127,7 +127,7 @@ class RayOptions:
         if self.autoscaling_config:
             opts["autoscaling_config"] = self.autoscaling_config
             opts["num_replicas"] = "auto"
-        else:
+        elif self.num_replicas is not None:
             opts["num_replicas"] = self.num_replicas
         return opts
 
