@@ -70,14 +70,6 @@ def wait_for(cond, timeout_s: float, what: str):
         time.sleep(0.25)
 
 
-def running_replicas(app: str = ray_app.APP_NAME) -> int:
-    status = serve.status().applications.get(app)
-    if status is None or not str(status.status).endswith("RUNNING"):
-        return 0
-    dep = status.deployments[ray_app.DEPLOYMENT_NAME]
-    return dep.replica_states.get("RUNNING", 0) if str(dep.status).endswith("HEALTHY") else 0
-
-
 # -- the cluster: one per module ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cluster(pair_engine):
@@ -207,7 +199,7 @@ def test_sigkill_a_replica_in_flight_fail_later_succeed_deployment_heals(cluster
         assert r.status_code == 200, r.text
         assert r.headers[ray_app.PID_HEADER] != victim
     # ...and Ray brings the deployment back to two healthy replicas
-    wait_for(lambda: running_replicas() == 2, 120, "two healthy replicas again")
+    wait_for(lambda: ray_app.running_replicas() == 2, 120, "two healthy replicas again")
     pids = set()
     wait_for(lambda: pids.add(http.post("/v1/completions", json=plain).headers[ray_app.PID_HEADER]) or len(pids) >= 2,
              60, "both replicas serving")

@@ -343,6 +343,18 @@ def deploy(app, name: str = APP_NAME, timeout_s: float = 300.0, route_prefix: st
         time.sleep(0.5)
 
 
+def running_replicas(name: str = APP_NAME) -> int:
+    """Healthy, running replicas of the application `name` (0 while it deploys, fails or is gone)."""
+    _, serve = import_ray()
+    status = serve.status().applications.get(name)
+    if status is None or not str(status.status).endswith("RUNNING"):
+        return 0
+    dep = status.deployments.get(DEPLOYMENT_NAME)
+    if dep is None or not str(dep.status).endswith("HEALTHY"):
+        return 0
+    return int(dep.replica_states.get("RUNNING", 0))
+
+
 def _status_message(status) -> str:
     if status is None:
         return "no status"
