@@ -127,6 +127,29 @@ def ray_memory(driver_pid: int) -> dict:
     return {"total_mib": round(total / 2**20), "by_process_mib": {k: round(v / 2**20) for k, v in sorted(per.items())}}
 
 
+def markdown(record: dict) -> str:
+    """The tables docs/scale-out.md shows."""
+    lines = ["| server | N clients | requests | output tok/s | TTFT p50 (ms) | TTFT p99 (ms) | ITL p50 (ms) | e2e p50 (ms) | errors |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for key, label in (("single", "single process"), ("ray_1", "Ray, 1 replica"), ("ray_2", "Ray, 2 replicas")):
+        for r in record[key]["levels"]:
+            lines.append(f"| {label} | {r['concurrency']} | {r['requests']} | {r['output_tokens_per_s']:.0f} | "
+                         f"{r['ttft_p50_ms']:.1f} | {r['ttft_p99_ms']:.1f} | {r['itl_p50_ms']:.2f} | "
+                         f"{r['e2e_p50_ms']:.0f} | {r['errors']} |")
+    o = record["overhead"]
+    lines += ["", f"Ray's overhead per request ({o['requests_each']} sequential non-streaming {o['max_tokens']}-token "
+              f"requests each, alternating): single process p50 {o['single_ms_p50']:.1f} ms, through Ray's proxy "
+              f"(1 replica) {o['ray_ms_p50']:.1f} ms: **+{o['ray_overhead_ms_p50']:.1f} ms** per request.", ""]
+    for key, label in (("memory_idle_cluster_with_serve", "idle cluster with Serve (controller + proxy), no app"),
+                       ("memory_idle_cluster_2_replicas", "idle cluster with two idle replicas")):
+        m = record[key]
+        parts = ", ".join(f"{k} {v}" for k, v in m["by_process_mib"].items())
+        lines.append(f"- Memory (PSS), {label}: **{m['total_mib']} MiB** ({parts}).")
+    lines.append(f"- Deploy time: 1 replica {record['deploy_s_1_replicas']} s, 2 replicas {record['deploy_s_2_replicas']} s "
+                 "(process start, imports, engine load, health check).")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--engines", type=Path)
@@ -203,6 +226,7 @@ def main() -> None:
     record["load_avg_end"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
+    print(markdown(record))
     print(f"wrote {args.out}")
 
 
