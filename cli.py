@@ -274,18 +274,49 @@ def generate(engines, backend, device, threads, decoder, gamma, beam_width, thre
 @click.option("--model-name", help="Model id clients send (default: the engine folder's name).")
 @click.option("--max-body-bytes", default=1 << 20, show_default=True, help="Larger request bodies get 413.")
 @click.option("--drain-timeout", default=30.0, show_default=True, help="On SIGTERM: seconds accepted requests may still run.")
+@click.option("--replicas", type=click.IntRange(min=1), default=None,
+              help="Run N replicas on Ray Serve behind Ray's proxy (needs the 'ray' extra; docs/scale-out.md).")
+@click.option("--ray-address", default=None,
+              help="With --replicas: join this Ray cluster (HEAD:6379, ray://HEAD:10001 or auto) instead of starting a local one.")
+@click.option("--gpus-per-replica", type=float, default=None,
+              help="With --replicas: GPUs each replica reserves (default: 1 for --device cuda or --backend trt, else 0).")
+@click.option("--cpus-per-replica", type=float, default=None, help="With --replicas: CPUs each replica reserves (default: --threads).")
+@click.option("--deploy-timeout", default=300.0, show_default=True,
+              help="With --replicas: seconds the replicas may take to become healthy before the deploy is abandoned.")
 @friendly
 def serve(engines, backend, device, threads, host, port, api_key, decoder, gamma, beam_width, threshold,
-          max_batch, prefill_chunk, spec_policy, max_queue, model_name, max_body_bytes, drain_timeout) -> None:
+          max_batch, prefill_chunk, spec_policy, max_queue, model_name, max_body_bytes, drain_timeout,
+          replicas, ray_address, gpus_per_replica, cpus_per_replica, deploy_timeout) -> None:
     """Serve an engine folder over an OpenAI-compatible HTTP API (see docs/serve.md)."""
     try:
         from mtad_trt.serve import ServerSettings
         from mtad_trt.serve import serve as run_server
     except ImportError as e:
         raise MtadError(f"serving needs the 'serve' extra: pip install 'mtad-trt[serve]' ({e})") from e
+    defaults = dict(decoder=decoder, gamma=gamma, beam_width=beam_width, threshold=threshold)
+    if replicas is None:
+        for flag, value in (("--ray-address", ray_address), ("--gpus-per-replica", gpus_per_replica),
+                            ("--cpus-per-replica", cpus_per_replica)):
+            if value is not None:
+                raise click.UsageError(f"{flag} needs --replicas N")
+    else:
+        from mtad_trt.serve import ray_app
+
+        config = ray_app.ReplicaConfig(
+            engines=str(engines), backend=backend, device=device, threads=threads, max_batch=max_batch,
+            prefill_chunk=prefill_chunk, spec_policy=spec_policy, model_name=model_name, api_key=api_key,
+            max_queue=max_queue, max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout, defaults=defaults)
+        if gpus_per_replica is None:
+            gpus_per_replica = 1.0 if device == "cuda" or backend == "trt" else 0.0
+        options = ray_app.RayOptions(num_replicas=replicas, num_gpus=gpus_per_replica,
+                                     num_cpus=cpus_per_replica if cpus_per_replica is not None else float(threads),
+                                     max_queued_requests=max_queue)
+        ray_app.serve_replicas(config, options, host=host, port=port, ray_address=ray_address,
+                               deploy_timeout_s=deploy_timeout)
+        return
     settings = ServerSettings(model_name=model_name, api_key=api_key, max_queue=max_queue,
                               max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout,
-                              defaults=dict(decoder=decoder, gamma=gamma, beam_width=beam_width, threshold=threshold))
+                              defaults=defaults)
     run_server(engines, settings, host=host, port=port, backend=backend, device=device, threads=threads,
                max_batch=max_batch, prefill_chunk=prefill_chunk, spec_policy=spec_policy)
 

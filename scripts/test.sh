@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The README's test command: install the project with its test extras, lint, run the default suite.
+# The README's test command: install the project with its test extras (and the ray extra, so
+# tests/test_ray.py runs on a real local Ray cluster), lint, run the default suite.
 # Extra arguments go to pytest (e.g. `bash scripts/test.sh -m real_model`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install -q -e '.[dev]'
+python3 -m pip install -q -e '.[dev,ray]'
 python3 -m ruff check .
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 python3 -m pytest -q "$@"
