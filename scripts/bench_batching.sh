@@ -13,6 +13,7 @@ ENGINES=${1:-engines/qwen2.5-coder}
 OUT=${2:-docs/data/batching}
 PORT=${PORT:-8021}
 LEVELS=${LEVELS:-1,2,4,8,16}
+LEVELS_BATCH1=${LEVELS_BATCH1:-$LEVELS}  # the one-at-a-time baseline is queue-linear; fewer levels save time
 DECODERS=${DECODERS:-ar sps mtad mmtad}
 TOKENS=${TOKENS:-64}
 mkdir -p "$OUT"
@@ -21,8 +22,8 @@ if ! grep -q '"ort-cpu-t2"' "$ENGINES/tuning.json" 2>/dev/null; then  # the auto
   ( time mtad-trt tune "$ENGINES" --threads 2 --max-batch 16 ) 2>&1 | tee "$OUT/tune.txt"
 fi
 
-run_config() {  # name, serve flags...
-  local name=$1; shift
+run_config() {  # name, levels, serve flags...
+  local name=$1 levels=$2; shift 2
   mtad-trt serve "$ENGINES" --threads 2 --port "$PORT" "$@" > "$OUT/$name.server.log" 2>&1 &
   local pid=$!
   trap 'kill $pid 2>/dev/null || true' EXIT
@@ -33,7 +34,7 @@ run_config() {  # name, serve flags...
   done
   echo "$name: up in $((SECONDS - t0)) s, RSS $(ps -o rss= -p $pid) KiB" | tee "$OUT/$name.memory.txt"
   for d in $DECODERS; do
-    python3 scripts/bench_serve.py --url "http://127.0.0.1:$PORT" --concurrency "$LEVELS" --requests 1 \
+    python3 scripts/bench_serve.py --url "http://127.0.0.1:$PORT" --concurrency "$levels" --requests 1 \
       --max-tokens "$TOKENS" --ignore-eos --temperature 1 --chat --extra "{\"decoder\": \"$d\"}" \
       --json "$OUT/$name.$d.json" | tee "$OUT/$name.$d.txt"
   done
@@ -42,6 +43,6 @@ run_config() {  # name, serve flags...
   trap - EXIT
 }
 
-run_config batch1 --max-batch 1 --spec-policy fixed
-run_config batch16-fixed --max-batch 16 --spec-policy fixed
-run_config batch16-auto --max-batch 16 --spec-policy auto
+run_config batch1 "$LEVELS_BATCH1" --max-batch 1 --spec-policy fixed
+run_config batch16-fixed "$LEVELS" --max-batch 16 --spec-policy fixed
+run_config batch16-auto "$LEVELS" --max-batch 16 --spec-policy auto
