@@ -27,10 +27,35 @@ def test_manifest_records_scheme_and_quality(int4_engine):
     m = Manifest.load(int4_engine)
     d, t = m.roles["draft"].quantization, m.roles["target"].quantization
     assert (d["scheme"], d["bits"], t["scheme"], t["bits"], d["block_size"]) == ("int4", 4, "int8", 8, 32)
-    for q in (d, t):
-        assert q["op"] == "MatMulNBits" and q["quantized_matmuls"] > 0
-        assert q["quality"]["ppl_float"] > 0 and q["quality"]["ppl_quantized"] > 0
+    assert (d["quantized_matmuls"], t["quantized_matmuls"]) == (8, 15)  # 7 per layer + the LM head (1 and 2 layers)
+    assert d["op"] == t["op"] == "MatMulNBits"
     assert not (int4_engine / "target" / "float").exists()  # the float reference graph is not kept
+
+
+def prose_perplexity(engine, role) -> float:
+    """Perplexity of export.quantize.PROSE under one engine's graph: one forward, numpy log-softmax."""
+    from transformers import AutoTokenizer
+
+    from mtad_trt.export.quantize import PROSE
+
+    spec = Manifest.load(engine).roles[role].spec
+    ids = AutoTokenizer.from_pretrained(str(engine / "tokenizer")).encode(PROSE, add_special_tokens=False)
+    ids = ids[: min(spec.max_seq_len, 512)]
+    logits = Row(OrtRunner(engine / f"{role}/model.onnx", spec)).forward(ids, logits_rows=range(len(ids) - 1))
+    x = logits.astype(np.float64)
+    logp = x - x.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    return float(np.exp(-logp[np.arange(len(ids) - 1), ids[1:]].mean()))
+
+
+def test_manifest_quality_record_is_the_graphs_perplexity(int4_engine, pair_engine):
+    # the recorded perplexities are those of the float graph (same models: pair_engine) and the quantized one
+    for role in ("draft", "target"):
+        quality = Manifest.load(int4_engine).roles[role].quantization["quality"]
+        assert quality["ppl_float"] == pytest.approx(prose_perplexity(pair_engine, role), rel=1e-4)
+        assert quality["ppl_quantized"] == pytest.approx(prose_perplexity(int4_engine, role), rel=1e-4)
+        assert quality["ppl_ratio"] == pytest.approx(quality["ppl_quantized"] / quality["ppl_float"], rel=1e-12)
+        assert quality["ppl_quantized"] != quality["ppl_float"]
 
 
 def graph(path):
