@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from mtad_trt.bench.journal import JOURNAL
@@ -42,26 +44,63 @@ def test_bench_record_and_report(pair_engine, prompt_file, tmp_path):
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["record_version"] == RECORD_VERSION
     assert set(saved["results"]) == {"ar", "sps", "mtad", "mmtad", "peer:hf-ar"}
+    # every figure recomputed from the rows and timing windows the bench wrote
+    windows: dict[str, dict[int, dict]] = {}
+    for r in _lines(tmp_path):
+        if r["type"] == "window":
+            windows.setdefault(r["system"], {})[r["unit"]] = r
     for name, res in saved["results"].items():
-        s = res["summary"]
-        assert s["requests"] == 3
+        s, rows, win = res["summary"], res["rows"], windows[name]
+        assert s["requests"] == len(rows) == 3 and sorted(win) == [0, 1, 2]
         if name.startswith("peer:"):
-            assert s["tokens_per_s"] > 0 and "transformers" in s["note"]
+            gen = sum(r["generated_tokens"] for r in rows)
+            assert s["generated_tokens"] == gen == sum(w["tokens"] for w in win.values()) > 0
+            assert s["tokens_per_s"] == pytest.approx(gen / sum(w["window_s"] for w in win.values()), rel=1e-12)
+            assert "transformers" in s["note"]
             continue
-        assert s["generated_tokens"] == 36
-        assert s["perplexity"] > 1 and s["ttft_s"]["p50"] > 0 and s["tpot_s"]["p50"] > 0
-        assert all(r["mean_logprob"] < 0 and r["scored_tokens"] == 12 for r in res["rows"])
-        if name != "ar":
-            assert len(s["accepted_per_position"]) == 4 and s["tokens_per_target_call"] >= 1
+        st = [r["stats"] for r in rows]
+        assert [x["generated_tokens"] for x in st] == [len(r["token_ids"]) for r in rows] == [12] * 3
+        assert s["generated_tokens"] == 36 == sum(w["tokens"] for w in win.values())
+        assert s["tokens_per_target_call"] == pytest.approx(36 / sum(x["target_calls"] for x in st), rel=1e-12)
+        if name == "ar":
+            assert s["tokens_per_target_call"] == 1.0  # one target step per token
+        else:
+            iters = sum(x["iterations"] for x in st)
+            assert s["acceptance_rate"] == pytest.approx(sum(x["accepted_tokens"] for x in st)
+                                                         / sum(x["draft_positions"] for x in st), rel=1e-12)
+            per_pos = np.sum([x["accepted_per_position"] + [0] * (4 - len(x["accepted_per_position"])) for x in st], 0)
+            assert s["accepted_per_position"] == pytest.approx(list(per_pos / iters), rel=1e-12)
+            assert [a["estimate"] for a in saved["paired"]["acceptance_per_position"][name]] == \
+                pytest.approx(s["accepted_per_position"], rel=1e-12)
+        assert all(r["scored_tokens"] == 12 and r["mean_logprob"] < 0 for r in rows)
+        assert [r["mean_logprob"] for r in rows] == pytest.approx([r["logprob_sum"] / 12 for r in rows], rel=1e-12)
+        assert s["perplexity"] == pytest.approx(math.exp(-np.mean([r["mean_logprob"] for r in rows])), rel=1e-12)
+        assert s["perplexity_token_weighted"] == pytest.approx(math.exp(-sum(r["logprob_sum"] for r in rows) / 36),
+                                                               rel=1e-12)
+        tm = [r["timing"] for r in rows]
+        assert s["ttft_s"]["p50"] == pytest.approx(np.median([t["ttft_s"] for t in tm]), rel=1e-12)
+        assert s["tpot_s"]["p50"] == pytest.approx(np.median([(t["e2e_s"] - t["ttft_s"]) / 11 for t in tm]), rel=1e-12)
     paired = saved["paired"]
     assert set(paired["speed"]) == {"sps", "mtad", "mmtad", "peer:hf-ar"}
-    assert all(sp["units"] == 3 and sp["p25"] <= sp["median"] <= sp["p75"] for sp in paired["speed"].values())
+    for name, sp in paired["speed"].items():  # per-unit tok/s ratios to ar in the same unit
+        ratios = [windows[name][u]["tokens"] / windows[name][u]["window_s"]
+                  / (windows["ar"][u]["tokens"] / windows["ar"][u]["window_s"]) for u in range(3)]
+        assert sp["units"] == 3
+        assert (sp["p25"], sp["median"], sp["p75"]) == pytest.approx(tuple(np.percentile(ratios, [25, 50, 75])),
+                                                                       rel=1e-12)
+    logp = {name: {r["prompt_id"]: r["mean_logprob"] for r in res["rows"]} for name, res in saved["results"].items()
+            if not name.startswith("peer:")}
     for d in ("sps", "mtad", "mmtad"):
         c = paired["perplexity"][d]
-        assert c["prompts"] == 3 and c["ppl_ratio"]["lo"] <= c["ppl_ratio"]["estimate"] <= c["ppl_ratio"]["hi"]
+        delta = np.mean([logp[d][p] - logp["ar"][p] for p in logp["ar"]])  # one seed: one pair per prompt
+        assert c["prompts"] == 3 and c["delta_mean_logprob"]["estimate"] == pytest.approx(delta, rel=1e-12)
+        assert c["ppl_ratio"]["estimate"] == pytest.approx(math.exp(-delta), rel=1e-12)
+        assert c["ppl_ratio"]["lo"] <= c["ppl_ratio"]["estimate"] <= c["ppl_ratio"]["hi"]
         assert len(paired["acceptance_per_position"][d]) == 4
     assert set(paired["speed_vs_sps"]) == {"mtad", "mmtad"}
-    assert paired["control"]["decoder"] == "sps" and paired["control"]["ok"] in (True, False)
+    sps_delta = paired["perplexity"]["sps"]["delta_mean_logprob"]
+    assert paired["control"]["decoder"] == "sps"
+    assert paired["control"]["ok"] is (sps_delta["lo"] <= 0 <= sps_delta["hi"])  # the control reads the interval
     # progress: one tick per (system, request) and per scored output, ending at the totals
     assert ("generate", 15, 15) in calls and ("score", 12, 12) in calls
     text = (tmp_path / "summary.md").read_text()
@@ -144,6 +183,7 @@ def test_resume_after_interruption(pair_engine, prompt_file, tmp_path):
     assert record["journal"]["resumed_records"] == 18
     t = record["run_time"]  # the killed sessions' work counts, the gaps between sessions do not
     assert t["generate_sessions"] == 2 and t["score_sessions"] == 2
+    assert t["windows_s"] == pytest.approx(sum(r["window_s"] for r in lines if r["type"] == "window"), rel=1e-12)
     assert 0 < t["windows_s"] <= t["generate_s"] and t["score_s"] > 0
     assert "2 session(s)" in markdown(record)
 

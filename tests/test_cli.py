@@ -91,16 +91,25 @@ def test_bad_settings(pair_engine):
     assert_clean_error(cli("generate", "--engines", str(pair_engine), "--prompt", "x", "--gamma", "0"), "gamma")
 
 
-def test_generate_json(pair_engine):
+def test_generate_json(pair_engine, pair_pipeline):
     res = cli("generate", "--engines", str(pair_engine), "--prompt", "def fib(n):", "--decoder", "mmtad",
-              "--max-new-tokens", "12", "--temperature", "0", "--json")
+              "--max-new-tokens", "12", "--temperature", "0", "--gamma", "3", "--beam-width", "2", "--json")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
-    assert len(out["token_ids"]) == 12
-    for key in ("target_calls", "draft_calls", "drafted_tokens", "accepted_tokens", "acceptance_rate",
-                "tokens_per_target_call", "wall_s"):
-        assert key in out["stats"]
-    assert out["stats"]["target_calls"] >= 1 and out["backend"] == "ort-cpu"
+    assert out["backend"] == "ort-cpu"
+    # greedy MMTAD is greedy target decoding (spec P1): the library's plain AR output, token for token
+    ref = pair_pipeline.generate("def fib(n):", decoder="ar", temperature=0, max_new_tokens=12)
+    assert out["token_ids"] == ref.token_ids and len(ref.token_ids) == 12
+    st = out["stats"]
+    assert (st["decoder"], st["gamma"], st["beam_width"], st["generated_tokens"]) == ("mmtad", 3, 2, 12)
+    # the bookkeeping adds up (spec P10): one target call and γ draft calls per round, B·γ drafted
+    # tokens per round, n+1 tokens out of each round (the last one may be cut at max_new_tokens)
+    assert st["target_calls"] == st["iterations"] and st["draft_calls"] == 3 * st["iterations"]
+    assert st["drafted_tokens"] == 6 * st["iterations"]
+    assert 0 <= st["accepted_tokens"] + st["iterations"] - 12 <= 3
+    assert st["tokens_per_target_call"] == pytest.approx(12 / st["target_calls"], rel=1e-12)
+    assert st["acceptance_rate"] == pytest.approx(st["accepted_tokens"] / (3 * st["iterations"]), rel=1e-12)
+    assert st["wall_s"] > 0
 
 
 def test_a_failing_model_step_is_one_error_line(pair_engine):

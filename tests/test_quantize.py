@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
+from onnx import numpy_helper
 
 from mtad_trt import Pipeline
 from mtad_trt.backends.ort import OrtRunner
@@ -25,10 +27,81 @@ def test_manifest_records_scheme_and_quality(int4_engine):
     m = Manifest.load(int4_engine)
     d, t = m.roles["draft"].quantization, m.roles["target"].quantization
     assert (d["scheme"], d["bits"], t["scheme"], t["bits"], d["block_size"]) == ("int4", 4, "int8", 8, 32)
-    for q in (d, t):
-        assert q["op"] == "MatMulNBits" and q["quantized_matmuls"] > 0
-        assert q["quality"]["ppl_float"] > 0 and q["quality"]["ppl_quantized"] > 0
+    assert (d["quantized_matmuls"], t["quantized_matmuls"]) == (8, 15)  # 7 per layer + the LM head (1 and 2 layers)
+    assert d["op"] == t["op"] == "MatMulNBits"
     assert not (int4_engine / "target" / "float").exists()  # the float reference graph is not kept
+
+
+def prose_perplexity(engine, role) -> float:
+    """Perplexity of export.quantize.PROSE under one engine's graph: one forward, numpy log-softmax."""
+    from transformers import AutoTokenizer
+
+    from mtad_trt.export.quantize import PROSE
+
+    spec = Manifest.load(engine).roles[role].spec
+    ids = AutoTokenizer.from_pretrained(str(engine / "tokenizer")).encode(PROSE, add_special_tokens=False)
+    ids = ids[: min(spec.max_seq_len, 512)]
+    logits = Row(OrtRunner(engine / f"{role}/model.onnx", spec)).forward(ids, logits_rows=range(len(ids) - 1))
+    x = logits.astype(np.float64)
+    logp = x - x.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    return float(np.exp(-logp[np.arange(len(ids) - 1), ids[1:]].mean()))
+
+
+def test_manifest_quality_record_is_the_graphs_perplexity(int4_engine, pair_engine):
+    # the recorded perplexities are those of the float graph (same models: pair_engine) and the quantized one
+    for role in ("draft", "target"):
+        quality = Manifest.load(int4_engine).roles[role].quantization["quality"]
+        assert quality["ppl_float"] == pytest.approx(prose_perplexity(pair_engine, role), rel=1e-4)
+        assert quality["ppl_quantized"] == pytest.approx(prose_perplexity(int4_engine, role), rel=1e-4)
+        assert quality["ppl_ratio"] == pytest.approx(quality["ppl_quantized"] / quality["ppl_float"], rel=1e-12)
+        assert quality["ppl_quantized"] != quality["ppl_float"]
+
+
+def graph(path):
+    model = onnx.load(str(path))
+    return model.graph.node, {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+def reference_blockwise(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric block-wise quantization in plain numpy, ONNX Runtime's MatMulNBits convention:
+    blocks of `block` rows of one column of W [K, N]; scale = (the block's value of largest
+    magnitude, sign kept) / -2^(bits-1), so that value maps to code 0; code = clip(round(w / scale)
+    + 2^(bits-1), 0, 2^bits - 1); w ≈ (code - 2^(bits-1)) * scale. Returns (codes [N, K/block,
+    block], scales [N, K/block])."""
+    k, n = w.shape
+    zp = 2 ** (bits - 1)
+    blocks = w.T.reshape(n, k // block, block).astype(np.float64)
+    extreme = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)[..., 0]
+    scale = extreme / -zp
+    return np.clip(np.round(blocks / scale[..., None]) + zp, 0, 2 * zp - 1), scale
+
+
+@pytest.mark.parametrize("role,bits", [("draft", 4), ("target", 8)])
+def test_every_eligible_matmul_is_quantized_as_the_reference_says(int4_engine, pair_engine, role, bits):
+    m = Manifest.load(int4_engine).roles[role]
+    f_nodes, f_init = graph(pair_engine / role / "model.onnx")
+    q_nodes, q_init = graph(int4_engine / role / "model.onnx")
+    # eligible: MatMuls with a constant 2-D weight — per layer q, k, v, o, gate, up, down, plus the LM head
+    eligible = {n.name: n for n in f_nodes if n.op_type == "MatMul" and f_init.get(n.input[1], np.zeros(0)).ndim == 2}
+    assert len(eligible) == 7 * m.spec.num_layers + 1
+    nbits = [n for n in q_nodes if n.op_type == "MatMulNBits"]
+    assert len(nbits) == len(eligible) == m.quantization["quantized_matmuls"]
+    assert not [n for n in q_nodes if n.op_type == "MatMul" and n.input[1] in q_init]  # no float weight left
+    for node in nbits:
+        w = f_init[eligible[node.name.removesuffix(f"_Q{bits}")].input[1]]
+        k, n = w.shape
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert (attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]) == (k, n, bits, 32)
+        assert len(node.input) == 3  # symmetric: no zero-point input (the default, 2^(bits-1))
+        packed, scales = q_init[node.input[1]].astype(np.int64), q_init[node.input[2]]
+        # layout: B [N, K/block, block*bits/8] uint8, 4-bit codes two per byte, the low nibble first
+        codes = np.stack([packed & 15, packed >> 4], -1).reshape(n, k // 32, 32) if bits == 4 else packed
+        ref_codes, ref_scales = reference_blockwise(w, bits, 32)
+        np.testing.assert_allclose(scales, ref_scales, rtol=1e-6)
+        np.testing.assert_array_equal(codes, ref_codes)
+        dequant = ((codes - 2 ** (bits - 1)) * scales[..., None]).reshape(n, k).T
+        assert (np.abs(dequant - w) <= np.abs(scales).repeat(32, 1).T * 1.0001).all()  # within one step
 
 
 def test_quantized_logits_close_to_float(int4_engine, pair_engine):
@@ -43,7 +116,7 @@ def test_quantized_logits_close_to_float(int4_engine, pair_engine):
         lf = f.forward(ids, logits_rows=range(20))
         lq = q.forward(ids, logits_rows=range(20))
         span = lf.max() - lf.min()
-        assert np.abs(lf - lq).max() < rel * span
+        assert 1e-4 * span < np.abs(lf - lq).max() < rel * span  # quantized, but not by much
         assert (lf.argmax(-1) == lq.argmax(-1)).mean() >= top1
 
 

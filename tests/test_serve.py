@@ -58,15 +58,17 @@ def http(server):
         yield c
 
 
-def metric(http: httpx.Client, name: str, **labels) -> float:
-    """One sample of the /metrics text (0 when absent)."""
+def metric(http: httpx.Client, name: str, default: float | None = None, **labels) -> float:
+    """One sample of the /metrics text; a missing sample fails the test unless `default` is given
+    (a labelled counter appears only once something has counted it)."""
     text = http.get("/metrics").text
     want = {"model_name": MODEL, **labels}
     for line in text.splitlines():
         m = re.match(r"^([\w:]+)\{(.*)\} (\S+)$", line)
         if m and m.group(1) == name and dict(re.findall(r'(\w+)="([^"]*)"', m.group(2))) == want:
             return float(m.group(3))
-    return 0.0
+    assert default is not None, f"{name}{labels} is not in /metrics"
+    return default
 
 
 def wait_for(cond, timeout_s: float = 10.0) -> None:
@@ -89,7 +91,10 @@ def test_completion_greedy_equals_generate(client, pair_pipeline):
         assert c.finish_reason == "length"
         assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ref.prompt_ids), 24)
         mtad = r.model_extra["mtad"]
-        assert mtad["decoder"] == "mtad" and mtad["generated_tokens"] == 24 and mtad["target_calls"] >= 1
+        assert mtad["decoder"] == "mtad" and mtad["generated_tokens"] == 24
+        # one target call per round, and each round emits its accepted tokens + 1 (the last may be cut)
+        assert mtad["target_calls"] == mtad["iterations"] > 0
+        assert 0 <= mtad["accepted_tokens"] + mtad["iterations"] - 24 <= mtad["gamma"]
 
 
 def test_completion_accepts_token_ids(client, pair_pipeline):
@@ -195,9 +200,58 @@ def test_models_health_version_metrics(server, client, http):
                  "spec_decode_num_accepted_tokens_total", "spec_decode_num_accepted_tokens_per_pos_total",
                  "request_success_total"):
         assert f"mtad_trt:{name}" in text, name
-    assert metric(http, "mtad_trt:spec_decode_num_accepted_tokens_per_pos_total", position="0") >= 0
-    assert metric(http, "mtad_trt:spec_decode_num_drafts_total") > 0
-    assert metric(http, "mtad_trt:generation_tokens_total") > 0
+
+
+def scrape(http: httpx.Client) -> dict[tuple[str, frozenset], float]:
+    """Every sample of /metrics: {(name, labels): value}."""
+    out = {}
+    for line in http.get("/metrics").text.splitlines():
+        m = re.match(r"^([\w:]+)(?:\{(.*)\})? (\S+)$", line)
+        if m:
+            out[m.group(1), frozenset(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))] = float(m.group(3))
+    return out
+
+
+@pytest.mark.parametrize("extra", [
+    {"decoder": "mmtad", "gamma": 3, "beam_width": 2, "threshold": 0.01},
+    {"decoder": "ar"},
+])
+def test_metrics_count_what_a_request_did(client, http, extra):
+    # The counters move by exactly this request's statistics (nothing else runs meanwhile).
+    before = scrape(http)
+    r = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=20, temperature=1.0, seed=3,
+                                  extra_body={**extra, "ignore_eos": True})
+    after = scrape(http)
+    st = r.model_extra["mtad"]
+
+    def delta(name, **labels):
+        key = (f"mtad_trt:{name}", frozenset({"model_name": MODEL, **labels}.items()))
+        assert key in after, key
+        return after[key] - before.get(key, 0.0)
+
+    assert st["generated_tokens"] == r.usage.completion_tokens == 20
+    assert delta("prompt_tokens_total") == r.usage.prompt_tokens == st["prompt_tokens"] > 0
+    assert delta("generation_tokens_total") == 20
+    assert delta("request_success_total", finished_reason="length") == 1
+    for hist in ("e2e_request_latency_seconds", "time_to_first_token_seconds", "request_queue_time_seconds",
+                 "request_time_per_output_token_seconds"):
+        assert delta(f"{hist}_count") == 1, hist
+    rounds = st["iterations"] if extra["decoder"] != "ar" else st["target_calls"]
+    assert delta("inter_token_latency_seconds_count") == rounds - 1  # one output event per round
+    assert delta("iteration_batch_size_count") == rounds == delta("iteration_batch_size_sum")  # batch of 1
+    if extra["decoder"] == "ar":  # no speculation: the spec-decode counters stay put
+        for name in ("spec_decode_num_drafts_total", "spec_decode_num_draft_tokens_total",
+                     "spec_decode_num_accepted_tokens_total"):
+            assert delta(name) == 0, name
+        return
+    assert st["accepted_tokens"] > 0  # (τ = 0.01: the per-position counters have something to count)
+    assert delta("spec_decode_num_drafts_total") == st["iterations"] > 0
+    assert delta("spec_decode_num_draft_tokens_total") == st["drafted_tokens"] == st["iterations"] * 3 * 2
+    assert delta("spec_decode_num_accepted_tokens_total") == st["accepted_tokens"]
+    per_pos = st["accepted_per_position"]
+    assert [delta("spec_decode_num_accepted_tokens_per_pos_total", position=str(i)) for i in range(len(per_pos))] \
+        == per_pos
+    assert 0 <= st["accepted_tokens"] + st["iterations"] - 20 <= 3  # n+1 tokens a round; the last may be cut
 
 
 # -- bad input ------------------------------------------------------------------------------------
@@ -448,14 +502,14 @@ def test_a_failing_step_is_a_500_for_its_request_and_the_server_goes_on(server_p
 
 def test_disconnect_cancels_and_frees_worker(server, http):
     long = _body(prompt=PROMPTS[0], max_tokens=180, ignore_eos=True, decoder="mmtad", gamma=8, beam_width=8)
-    cancelled = metric(http, "mtad_trt:request_success_total", finished_reason="cancelled")
-    t0 = time.monotonic()
+    cancelled = metric(http, "mtad_trt:request_success_total", default=0.0, finished_reason="cancelled")
+    generated = metric(http, "mtad_trt:generation_tokens_total")
     with httpx.Client(base_url=server.url, headers=AUTH, trust_env=False, timeout=30) as c:
         with c.stream("POST", "/v1/completions", json={**long, "stream": True}) as r:
             assert r.status_code == 200
             next(line for line in r.iter_lines() if line.startswith("data:"))
     # the stream was abandoned after its first chunk: the generation stops and the worker is free
-    wait_for(lambda: metric(http, "mtad_trt:request_success_total", finished_reason="cancelled") == cancelled + 1)
+    wait_for(lambda: metric(http, "mtad_trt:request_success_total", default=0.0, finished_reason="cancelled") == cancelled + 1)
     wait_for(lambda: metric(http, "mtad_trt:num_requests_running") == 0)
     # the same for a non-streaming request whose client closes the socket
     host, port = server.url.removeprefix("http://").split(":")
@@ -464,9 +518,10 @@ def test_disconnect_cancels_and_frees_worker(server, http):
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(raw)}\r\n\r\n".encode() + raw)
         wait_for(lambda: metric(http, "mtad_trt:num_requests_running") == 1)
-    wait_for(lambda: metric(http, "mtad_trt:request_success_total", finished_reason="cancelled") == cancelled + 2)
+    wait_for(lambda: metric(http, "mtad_trt:request_success_total", default=0.0, finished_reason="cancelled") == cancelled + 2)
     wait_for(lambda: metric(http, "mtad_trt:num_requests_running") == 0)
-    assert time.monotonic() - t0 < 10
+    # both stopped early: their tokens (counted when they end) fall short of the 2 x 180 asked for
+    assert metric(http, "mtad_trt:generation_tokens_total") - generated < 2 * 180
     r = http.post("/v1/completions", json=_body(max_tokens=5, ignore_eos=True))
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
 
@@ -546,13 +601,14 @@ def test_cli_serve_refuses_bad_options(pair_engine):
 
     from mtad_trt.cli import main
 
-    if "serve" not in main.commands:
-        pytest.skip("the `serve` command is not registered in cli.py yet")
     runner = CliRunner()
     assert "--max-queue" in runner.invoke(main, ["serve", "--help"]).output
-    for args, needle in ((["--max-queue", "0"], "max-queue"), (["--gamma", "0"], "gamma")):
+    for args, needle in ((["--max-queue", "0"], "--max-queue must be >= 1"), (["--gamma", "0"], "gamma must be >= 1"),
+                         (["--max-batch", "0"], "--max-batch must be >= 1")):
         res = runner.invoke(main, ["serve", "--engines", str(pair_engine), *args])
-        assert res.exit_code == 1 and needle in res.output, res.output
+        lines = res.output.strip().splitlines()  # one error line, before any server starts
+        assert res.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], \
+            res.output
 
 
 def _free_port() -> int:

@@ -7,6 +7,8 @@ simulated: a bigram model does not read its context.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from mtad_trt.contract import ModelSpec
@@ -84,3 +86,61 @@ def random_tables(v: int = 6, seed: int = 0, sharp: float = 1.5) -> tuple[np.nda
     target = rng.normal(0, sharp, (v, v))
     draft = target + rng.normal(0, sharp * 0.7, (v, v))
     return draft.astype(np.float32), target.astype(np.float32)
+
+
+def warp(logits, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+    """spec/mtad.md §1 proc_T in plain numpy, independent of mtad_trt.sampling: divide by the
+    temperature, keep the top-k logits (ties with the k-th kept), softmax, then drop every token
+    whose more likely tokens already carry more than top_p of the mass; renormalise."""
+    x = np.asarray(logits, np.float64) / temperature
+    if top_k:
+        kth = np.sort(x)[::-1][top_k - 1]
+        x = np.where(x >= kth, x, -np.inf)
+    p = np.exp(x - x.max())
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    mass_before = np.cumsum(p[order]) - p[order]
+    p[order[mass_before > top_p]] = 0.0
+    return p / p.sum()
+
+
+def chi2_pvalue(counts, probs, min_expected: float = 5.0) -> float:
+    """Pearson chi-square goodness-of-fit p-value of `counts` against `probs` (any shape, flattened).
+
+    Categories expected fewer than `min_expected` times are pooled into one. A count in a category
+    of probability 0 gives p = 0 (the law cannot produce it). scipy-free: the Wilson-Hilferty
+    normal approximation of the chi-square tail (accurate to a few per cent of p down to 1e-10).
+    """
+    counts = np.asarray(counts, np.float64).ravel()
+    probs = np.asarray(probs, np.float64).ravel()
+    assert counts.shape == probs.shape and abs(probs.sum() - 1) < 1e-6  # (float32 softmax rows)
+    probs = probs / probs.sum()
+    if counts[probs <= 0].sum() > 0:
+        return 0.0
+    expected = probs * counts.sum()
+    big = expected >= min_expected
+    obs, exp = list(counts[big]), list(expected[big])
+    if expected[~big].sum() > 0:
+        obs.append(counts[~big].sum())
+        exp.append(expected[~big].sum())
+    obs, exp = np.array(obs), np.array(exp)
+    dof = len(obs) - 1
+    assert dof >= 1, "need at least two categories"
+    stat = float(((obs - exp) ** 2 / exp).sum())
+    z = ((stat / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def first_round(decoder: str, draft_table, target_table, sp, prompt, **dp) -> list[int]:
+    """The tokens one request emits in its first iteration (the prompt's prefill and one round:
+    one scheduler step). `sp.max_new_tokens` must not cut the round (γ+1 is enough)."""
+    from mtad_trt.params import DecodeParams
+    from mtad_trt.request import Request
+    from mtad_trt.scheduler import Scheduler
+
+    sched = Scheduler(BigramRunner(target_table), BigramRunner(draft_table), ToyTokenizer(), set())
+    req = Request(list(prompt), sp, DecodeParams(decoder=decoder, **dp))
+    sched.add(req)
+    sched.step()
+    assert req.stats.iterations == 1 and req.error is None
+    return list(req.output_ids)
