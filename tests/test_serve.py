@@ -429,18 +429,22 @@ def _stream_text(client, i: int) -> tuple[str, int]:
     return "".join(c.choices[0].text for c in chunks if c.choices), chunks[-1].usage.completion_tokens
 
 
-def test_16_concurrent_streams_equal_sequential(client, http):
-    sequential = [_stream_text(client, i) for i in range(16)]
-    assert all(n == 12 + i for i, (_, n) in enumerate(sequential))
-    start = threading.Barrier(16)
+def _streams_at_once(client: openai.OpenAI, n: int) -> list:
+    """`_stream_text(client, i)` for i < n, all n clients released together by a barrier."""
+    start = threading.Barrier(n)
 
     def one(i):
         start.wait()
         return _stream_text(client, i)
 
-    with ThreadPoolExecutor(16) as pool:
-        concurrent = list(pool.map(one, range(16)))
-    assert concurrent == sequential
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(one, range(n)))
+
+
+def test_16_concurrent_streams_equal_sequential(client, http):
+    sequential = [_stream_text(client, i) for i in range(16)]
+    assert all(n == 12 + i for i, (_, n) in enumerate(sequential))
+    assert _streams_at_once(client, 16) == sequential
     wait_for(lambda: metric(http, "mtad_trt:num_requests_running") == 0)
     assert metric(http, "mtad_trt:num_requests_waiting") == 0
 
@@ -464,15 +468,7 @@ def test_16_concurrent_streams_share_batch_rows(pair_engine, client):
         with ServerThread(app) as url, httpx.Client(trust_env=False, timeout=60) as hc, \
                 httpx.Client(base_url=url, headers=AUTH, trust_env=False, timeout=60) as http:
             batched = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, http_client=hc)
-            start = threading.Barrier(16)
-
-            def one(i):
-                start.wait()
-                return _stream_text(batched, i)
-
-            with ThreadPoolExecutor(16) as pool:
-                concurrent = list(pool.map(one, range(16)))
-            assert concurrent == sequential
+            assert _streams_at_once(batched, 16) == sequential
             sizes = _histogram(http, "mtad_trt:iteration_batch_size")
             assert sizes["+Inf"] > sizes["1.0"] > 0  # some iterations ran 1 row, others more
             assert sizes["4.0"] == sizes["+Inf"]  # never more than the 4 rows
