@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from functools import wraps
 from pathlib import Path
@@ -22,8 +23,14 @@ BACKEND_CHOICE = click.Choice(["auto", "ort", "torch", "trt"])
 DEVICE_CHOICE = click.Choice(["auto", "cpu", "cuda"])
 
 
+# Commands of the export stage: a missing torch/transformers there means the 'export' extra.
+EXPORT_COMMANDS = ("export", "models_fetch", "models_list")
+
+
 def friendly(fn):
-    """Turn MtadError (and Ctrl-C) into one line on stderr and a non-zero exit."""
+    """Turn MtadError (and Ctrl-C) into one line on stderr and a non-zero exit; so too a missing
+    optional package (one line naming the extra that installs it)."""
+    stage = "export" if fn.__name__ in EXPORT_COMMANDS else "runtime"
 
     @wraps(fn)
     def run(*args, **kwargs):
@@ -31,6 +38,14 @@ def friendly(fn):
             return fn(*args, **kwargs)
         except MtadError as e:
             click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        except ModuleNotFoundError as e:
+            from mtad_trt.extras import missing_module_line
+
+            line = missing_module_line(e, stage)
+            if line is None:
+                raise
+            click.echo(f"error: {line}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -119,7 +134,13 @@ def models_list() -> None:
 def export(draft, target, out, max_seq_len, dtype, opset, force, quantize, block_size, quantize_lm_head,
            topk_head, attention) -> None:
     """Export a draft/target pair to ONNX graphs with KV-cache I/O, parity-checked."""
+    from mtad_trt.extras import EXPORT, require
+
+    require("mtad-trt export", "export", EXPORT)
     from mtad_trt.export.pair import export_pair
+
+    # A service manager stops with SIGTERM: unwind like Ctrl-C, so the temporary folder goes too.
+    signal.signal(signal.SIGTERM, _interrupt)
 
     dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype]
     manifest = export_pair(draft, target, out, max_seq_len, dtype, opset, force, progress=_progress(),
@@ -130,8 +151,15 @@ def export(draft, target, out, max_seq_len, dtype, opset, force, quantize, block
         extra = ""
         if q.get("scheme", "none") != "none":
             extra = f"  {q['scheme']}: ppl {q['quality']['ppl_float']:.3f} -> {q['quality']['ppl_quantized']:.3f}"
-        click.echo(f"{role}: {entry.onnx}  parity max|Δ| {entry.parity['worst']:.2e} (≤ {entry.parity['tolerance']}){extra}")
+        full = entry.parity.get("full_model", {})
+        click.echo(f"{role}: {entry.onnx}  truncated-model parity max|Δ| {entry.parity['worst']:.2e} "
+                   f"(≤ {entry.parity['tolerance']}); full model {full.get('measure', '?')} "
+                   f"{full.get('value', float('nan')):.2e} (≤ {full.get('tolerance')}){extra}")
     click.echo(f"wrote {out}")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def parse_quantize(text: str) -> dict[str, str]:
@@ -179,6 +207,9 @@ def engines_option(fn):
 def build(engines, precision, max_batch, max_seq_len, max_decode_tokens, max_prefill_tokens, decode_opt_tokens,
           timing_cache, workspace_mb, roles) -> None:
     """Build TensorRT plans for an engine folder (on the GPU machine that will run them)."""
+    from mtad_trt.extras import require
+
+    require("mtad-trt build", "torch", ("torch",))
     from mtad_trt.export.build_trt import build_plans
 
     plans = build_plans(engines, precision=precision, max_batch=max_batch, max_seq_len=max_seq_len,

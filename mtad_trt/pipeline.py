@@ -30,6 +30,7 @@ from mtad_trt.rows import Row
 from mtad_trt.scheduler import Scheduler, Update
 from mtad_trt.scoring import token_logprobs
 from mtad_trt.stats import Stats
+from mtad_trt.tokenizer import Tokenizer
 
 DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per scheduler step (see docs/serve.md for what it costs)
 
@@ -297,9 +298,8 @@ class Pipeline:
             return token_logprobs(Row(self.target), prompt_ids, continuation)
 
 
-def load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
+def load_tokenizer(path: Path) -> Tokenizer:
+    """The engine's tokenizer (`tokenizers` + the chat template; no transformers, no torch)."""
     if not path.is_dir():
         raise EngineFolderError(f"engine folder has no tokenizer at {path}: re-export the engine")
-    return AutoTokenizer.from_pretrained(str(path))
+    return Tokenizer(path)

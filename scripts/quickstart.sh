@@ -9,7 +9,10 @@ cd "$(dirname "$0")/.."
 QUANTIZE=${QUANTIZE:-int4}
 if [ "$QUANTIZE" = none ]; then ENGINE=${ENGINE:-engines/qwen2.5-coder-fp32}; else ENGINE=${ENGINE:-engines/qwen2.5-coder}; fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false
-python3 -m pip install -q -e .
+# The export stage needs torch: its CPU build first (the package pins none; an unpinned torch from
+# PyPI is a multi-GB CUDA build). Running engines needs only `pip install mtad-trt` (ONNX Runtime).
+python3 -m pip install -q torch==2.13.0
+python3 -m pip install -q -e '.[export,serve]'
 mtad-trt models fetch qwen2.5-coder-0.5b qwen2.5-coder-1.5b
 if [ ! -f "$ENGINE/manifest.json" ]; then
   mtad-trt export --draft qwen2.5-coder-0.5b --target qwen2.5-coder-1.5b --out "$ENGINE" --max-seq-len 2048 --quantize "$QUANTIZE"

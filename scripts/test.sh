@@ -4,6 +4,9 @@
 # Extra arguments go to pytest (e.g. `bash scripts/test.sh -m real_model`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The CPU build of torch first (a file of it is on disk here): the package pins no torch, and an
+# unpinned `pip install torch` from PyPI pulls a multi-GB CUDA build.
+python3 -m pip install -q torch==2.13.0
 python3 -m pip install -q -e '.[dev,ray]'
 python3 -m ruff check .
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false

@@ -7,11 +7,12 @@ saying what is missing, never a traceback.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib.metadata
 import logging
 from pathlib import Path
 
 from mtad_trt.errors import BackendUnavailable, CapacityError
+from mtad_trt.extras import TORCH, importable, require
 from mtad_trt.manifest import Manifest
 from mtad_trt.runner import ModelRunner
 
@@ -21,22 +22,63 @@ BACKENDS = ("auto", "ort", "torch", "trt")
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def cuda_available() -> bool:
-    if importlib.util.find_spec("torch") is None:
-        return False
-    import torch
+def _torch_version() -> str | None:
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
+
+def _cuda_driver_loads() -> bool:
+    """Whether the NVIDIA driver library loads: without it no torch build sees a CUDA GPU."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def cuda_available() -> bool:
+    """torch sees a CUDA GPU. torch is imported (it is big) only when it could say yes: it is
+    installed, is not a CPU-only build, and the NVIDIA driver loads (ROCm builds are always asked)."""
+    version = _torch_version()
+    if version is not None and "+cpu" in version:
+        return False
+    if not importable("torch"):
+        return False
+    if (version is None or "rocm" not in version) and not _cuda_driver_loads():
+        return False
+    try:
+        import torch
+    except ImportError:
+        return False
     return torch.cuda.is_available()
 
 
+# What each torch-based backend imports beyond the runtime (the torch backend loads the HF model).
+BACKEND_NEEDS = {"torch": TORCH, "trt": ("torch",)}
+
+
 def choose_backend(manifest: Manifest, backend: str = "auto", device: str = "auto") -> tuple[str, str]:
-    """Resolve (backend, device) for this machine, or raise BackendUnavailable."""
+    """Resolve (backend, device) for this machine, or raise BackendUnavailable.
+
+    Whether CUDA is visible is asked only when the answer matters: `--backend ort` on the CPU
+    never imports torch."""
     if backend not in BACKENDS:
         raise BackendUnavailable(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
     if device not in DEVICES:
         raise BackendUnavailable(f"unknown device '{device}' (choose from {', '.join(DEVICES)})")
+    if backend in BACKEND_NEEDS:
+        require(f"--backend {backend}", "torch", BACKEND_NEEDS[backend], BackendUnavailable)
+    if backend == "ort" and device != "cuda":
+        return "ort", "cpu"
+    if backend == "auto" and device == "cpu":
+        return "ort", "cpu"
     has_cuda = cuda_available()
     if device == "cuda" and not has_cuda:
+        require("--device cuda", "torch", ("torch",), BackendUnavailable)
         raise BackendUnavailable("--device cuda: no CUDA GPU is visible to torch (use --device cpu)")
     if backend == "auto":
         if device != "cpu" and has_cuda:
@@ -44,6 +86,7 @@ def choose_backend(manifest: Manifest, backend: str = "auto", device: str = "aut
 
             if usable_plans(manifest) is not None:
                 return "trt", "cuda"
+            require("--backend auto (torch on CUDA here)", "torch", TORCH, BackendUnavailable)
             return "torch", "cuda"
         return "ort", "cpu"
     if backend == "trt":

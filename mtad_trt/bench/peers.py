@@ -218,6 +218,9 @@ def open_peer(name: str, cfg):
     if name not in PEERS:
         raise MtadError(f"unknown peer '{name}' (choose from {', '.join(PEERS)})")
     if name in ("hf", "hf-ar"):
+        from mtad_trt.extras import TORCH, require
+
+        require(f"the {name} peer", "torch", TORCH)
         return HfPeer(cfg, assisted=name == "hf")
     if name == "ort-genai":
         return OrtGenAiPeer(cfg)

@@ -13,6 +13,7 @@ The run, in three phases:
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import time
@@ -249,8 +250,6 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None) -> dict:
 def _record(cfg: BenchConfig, backend: str, energy_method: str, results: dict, paired: dict, run: _Run,
             journal: Journal, times: dict) -> dict:
     import onnxruntime
-    import torch
-    import transformers
 
     manifest = Path(cfg.engines) / "manifest.json"
     return {
@@ -258,8 +257,9 @@ def _record(cfg: BenchConfig, backend: str, energy_method: str, results: dict, p
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "gpu": _gpu_name()},
+        # torch and transformers as installed (None where absent), read without importing them
         "versions": {"mtad_trt": mtad_trt.__version__, "onnxruntime": onnxruntime.__version__,
-                     "torch": torch.__version__, "transformers": transformers.__version__},
+                     "torch": _installed("torch"), "transformers": _installed("transformers")},
         "backend": backend,
         "engine_manifest_sha256": sha256_file(manifest),
         "energy_method": energy_method,
@@ -273,10 +273,23 @@ def _record(cfg: BenchConfig, backend: str, energy_method: str, results: dict, p
     }
 
 
-def _gpu_name() -> str | None:
+def _installed(dist: str) -> str | None:
     try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _gpu_name() -> str | None:
+    """CUDA device 0's name as torch reports it; torch is imported only where it may see a GPU
+    (`backends.cuda_available`), so a CPU run stays torch-free."""
+    try:
+        from mtad_trt.backends import cuda_available
+
+        if not cuda_available():
+            return None
         import torch
 
-        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        return torch.cuda.get_device_name(0)
     except Exception:
         return None
