@@ -1,30 +1,26 @@
 """`mtad-trt export`: a draft and a target model -> one self-describing engine folder.
 
 Atomic: everything is written into a hidden temporary folder beside the destination and renamed
-into place only after both graphs passed `onnx.checker` and the parity check. Models are loaded,
-exported and freed one at a time so the default pair fits in 24 GB of RAM.
+into place only after both graphs passed `onnx.checker` and their parity checks; an error or
+Ctrl-C anywhere removes it. No model is ever loaded whole: each role streams its weights
+(`role.py`), so memory is set by the largest tensor, not by the model.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-import onnx
-
 import mtad_trt
-from mtad_trt.contract import spec_from_model, unsupported_feature
 from mtad_trt.errors import MtadError
 from mtad_trt.export import sources
-from mtad_trt.export.onnx_export import export_onnx
-from mtad_trt.export.parity import check_parity, failure_line, long_layout, reference_cases
-from mtad_trt.manifest import Manifest, RoleEntry, sha256_file
+from mtad_trt.export.role import export_role
+from mtad_trt.export.tensors import open_source
+from mtad_trt.manifest import Manifest
 
 Progress = Callable[[str], None]
 DEFAULT_TOPK_HEAD = 64  # top-k head width: covers the paper's top-k 10 and beams up to 64 (0 = no head)
@@ -44,90 +40,6 @@ def _check_destination(out: Path, force: bool) -> None:
             pass
     except OSError as e:
         raise MtadError(f"cannot write into {parent}: {e.strerror}") from None
-
-
-def export_role(
-    src: sources.Checkpoint,
-    folder: Path,
-    role: str,
-    dtype: str,
-    max_seq_len: int,
-    opset: int,
-    say: Progress,
-    quant: str = "none",
-    tokenizer=None,
-    block_size: int = 128,
-    quantize_lm_head: bool = True,
-    attention: str = "grouped",
-    topk_head: int = DEFAULT_TOPK_HEAD,
-) -> RoleEntry:
-    from mtad_trt.backends.ort import OrtRunner
-
-    t0 = time.perf_counter()
-    say(f"{role}: loading {src.path}")
-    model = sources.load_model(src, dtype)
-    spec = spec_from_model(model, dtype, max_seq_len)
-    spec.topk_head = min(topk_head, spec.vocab_size)
-    why = unsupported_feature(model, spec.max_seq_len)
-    if why is not None:
-        raise MtadError(f"{role}: cannot export: {why}")
-    final_path = folder / role / "model.onnx"
-    onnx_path = final_path if quant == "none" else folder / role / "float" / "model.onnx"
-    say(f"{role}: exporting {spec.architecture} ({spec.num_layers} layers, vocab {spec.vocab_size}) to ONNX")
-    try:
-        export_onnx(model, spec, onnx_path, opset=opset, attention=attention)
-    except MtadError:
-        raise
-    except Exception as e:
-        raise MtadError(f"{role}: ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
-    onnx.checker.check_model(str(onnx_path))  # path form: works with external data
-    say(f"{role}: parity check against transformers (eager attention), up to {long_layout(spec)['context']} tokens")
-    cases = reference_cases(model, spec)
-    del model  # free the torch weights before ONNX Runtime maps the graph's
-    gc.collect()
-    engine = OrtRunner(onnx_path, spec, threads=2)
-    parity = check_parity(cases, engine)
-    engine.close()
-    del engine, cases
-    gc.collect()
-    if not parity["passed"]:
-        raise MtadError(failure_line(parity, role))
-    quantization = {"scheme": "none"}
-    if quant != "none":
-        quantization = _quantize(onnx_path, final_path, spec, quant, tokenizer, block_size, quantize_lm_head, role, say)
-    say(f"{role}: done in {time.perf_counter() - t0:.1f}s (max |Δlogits| {parity['worst']:.2e})")
-    source = src.describe()
-    if src.kind == "gguf":
-        source["sha256"] = sha256_file(src.path)
-    return RoleEntry(
-        spec=spec,
-        onnx=f"{role}/model.onnx",
-        onnx_sha256=sha256_file(final_path),
-        source=source,
-        parity=parity,
-        quantization=quantization,
-    )
-
-
-def _quantize(float_path, final_path, spec, scheme, tokenizer, block_size, lm_head, role, say) -> dict:
-    from mtad_trt.backends.ort import OrtRunner
-    from mtad_trt.export.quantize import compare_quality, quantize_graph
-
-    say(f"{role}: quantizing MatMul weights to {scheme} (block {block_size}, LM head {'in' if lm_head else 'out'})")
-    record = quantize_graph(float_path, final_path, scheme, spec.vocab_size, block_size, lm_head)
-    say(f"{role}: perplexity check, float vs {scheme}")
-    f_engine, q_engine = OrtRunner(float_path, spec, threads=2), OrtRunner(final_path, spec, threads=2)
-    record["quality"] = compare_quality(f_engine, q_engine, tokenizer)
-    f_engine.close()
-    q_engine.close()
-    shutil.rmtree(float_path.parent)  # the float graph served only as the quality reference
-    qual = record["quality"]
-    msg = f"{role}: perplexity {qual['ppl_float']:.3f} (float) -> {qual['ppl_quantized']:.3f} ({scheme})"
-    if qual["warn"]:
-        msg += f"  WARNING: quantization costs {100 * (qual['ppl_ratio'] - 1):.0f}% perplexity"
-        log.warning(msg)
-    say(msg)
-    return record
 
 
 def export_pair(
@@ -165,6 +77,7 @@ def export_pair(
     srcs = {"target": sources.resolve(target)}
     if draft is not None:
         srcs["draft"] = sources.resolve(draft)
+    configs = {role: sources.load_config(src) for role, src in srcs.items()}
     toks = {role: sources.load_tokenizer(src) for role, src in srcs.items()}
     if draft is not None:
         why = sources.tokenizer_difference(toks["draft"], toks["target"])
@@ -177,13 +90,18 @@ def export_pair(
         tok.save_pretrained(str(tmp / "tokenizer"))
         roles = {}
         for role in ("draft", "target"):
-            if role in srcs:
+            if role not in srcs:
+                continue
+            source = open_source(srcs[role].kind, srcs[role].path)
+            try:
                 roles[role] = export_role(
-                    srcs[role], tmp, role, dtype, max_seq_len, opset, say,
+                    srcs[role], configs[role], source, tmp, role, dtype, max_seq_len, opset, say,
                     quant=quantize.get(role, "none"), tokenizer=toks[role],
                     block_size=block_size, quantize_lm_head=quantize_lm_head, attention=attention,
                     topk_head=topk_head,
                 )
+            finally:
+                source.close()
         eos = tok.eos_token_id
         manifest = Manifest(
             roles=roles,

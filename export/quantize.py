@@ -1,110 +1,110 @@
-"""Weight-only quantization of an exported graph for the ONNX Runtime CPU path.
+"""Weight-only quantization for the ONNX Runtime CPU path: `MatMulNBits`, one block of rows at a time.
 
-`int4` / `int8`: ONNX Runtime's block-wise `MatMulNBits` (symmetric, `accuracy_level=4` = int8
-activations inside the kernel, which the prototype measured 2.3-2.9x faster than the default at the
-same perplexity). These graphs use ONNX Runtime-only operators: TensorRT refuses them.
+`int4` / `int8`: ONNX Runtime's block-wise `MatMulNBits`, symmetric (asymmetric int8-compute
+kernels give wrong single-token results on AVX2-only CPUs), `accuracy_level=4` (int8 activations
+inside the kernel, which the prototype measured 2.3-2.9x faster than the default at the same
+perplexity). The codes come from ONNX Runtime's own quantization kernel, the one its
+`MatMulNBitsQuantizer` calls, applied to one block of weight rows at a time: a weight row of the
+checkpoint ([N, K], one output column) quantizes independently of every other, so blocks of rows
+concatenate into exactly the codes of the whole matrix. These graphs use ONNX Runtime-only
+operators: TensorRT refuses them.
 
 The check that matters for a quantized model is output quality, not logit parity: the export
-records the perplexity of the float and quantized graphs on the same prose sample.
+records the perplexity of the engine and of the float reference on the same prose sample.
 """
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
+import onnx_ir as ir
 
-from mtad_trt.errors import MtadError
+if TYPE_CHECKING:
+    from mtad_trt.export.weights import Entry
 
 SCHEMES = {"none": 0, "int8": 8, "int4": 4}
-PPL_WARN_RATIO = 1.15  # warn when quantization costs more than 15% perplexity
-
-# A fixed English sample for the quantization quality check (original text, written for this project).
-PROSE = (
-    "The harbour was quiet in the early morning. Fishing boats rocked gently at their moorings while "
-    "gulls circled above the market, where traders were setting out crates of ice and the first catch "
-    "of the day. A baker opened her shutters and the smell of warm bread drifted down the street. "
-    "Most of the town would not wake for another hour, but the people who worked by the sea had "
-    "already finished half a day's labour. They spoke little, checked the weather, mended nets and "
-    "counted the money they hoped to make before the tourists arrived. In the afternoon the wind "
-    "turned, clouds gathered over the hills, and by evening the first storm of the autumn had reached "
-    "the coast, sending everyone home early to light their fires and wait for the rain to pass."
-)
 
 
-def lm_head_nodes(model: onnx.ModelProto, vocab_size: int) -> list[str]:
-    """MatMul nodes whose constant weight has the vocabulary as one dimension (the LM head)."""
-    shapes = {i.name: tuple(i.dims) for i in model.graph.initializer}
-    return [
-        n.name
-        for n in model.graph.node
-        if n.op_type in ("MatMul", "Gemm") and any(vocab_size in shapes.get(x, ()) for x in n.input)
-    ]
+def quantize_rows(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """MatMulNBits codes and scales of HF weight rows w [c, K] (= output columns of Wᵀ)."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    c, k = w.shape
+    kb = (k + block_size - 1) // block_size
+    kpack = 8 // bits
+    if k == kb * block_size:
+        wt = np.ascontiguousarray(w.T)
+    else:  # the last block is zero-padded, as ONNX Runtime's own quantizer pads it
+        wt = np.zeros((kb * block_size, c), dtype=np.float32)
+        wt[:k] = w.T
+    packed = np.zeros((c, kb, (block_size + kpack - 1) // kpack), dtype=np.uint8)
+    scales = np.zeros((c, kb), dtype=np.float32)
+    zero = np.zeros((c, (kb + kpack - 1) // kpack), dtype=np.uint8)
+    fn = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
+    fn(packed, wt, scales, zero, block_size, c, k, True)
+    return packed, scales
 
 
-def quantize_graph(
-    src: Path,
-    dst: Path,
-    scheme: str,
-    vocab_size: int,
-    block_size: int = 128,
-    lm_head: bool = True,
-    accuracy_level: int = 4,
-) -> dict:
-    """Write a weight-only quantized copy of `src` to `dst` (external data). Returns the scheme record."""
-    if scheme not in SCHEMES or scheme == "none":
-        raise MtadError(f"unknown quantization '{scheme}' (choose int4, int8 or none)")
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
-    model = onnx.load(str(src))
-    exclude = [] if lm_head else lm_head_nodes(model, vocab_size)
-    q = MatMulNBitsQuantizer(
-        model,
-        bits=SCHEMES[scheme],
-        block_size=block_size,
-        is_symmetric=True,
-        accuracy_level=accuracy_level,
-        nodes_to_exclude=exclude,
-    )
-    q.process()
-    quantized = sum(1 for n in q.model.model.graph.node if n.op_type == "MatMulNBits")
-    if quantized == 0:
-        raise MtadError(f"{src}: no MatMul weights could be quantized")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    q.model.save_model_to_file(str(dst), use_external_data_format=True)
-    return {
-        "scheme": scheme,
-        "op": "MatMulNBits",
-        "bits": SCHEMES[scheme],
-        "block_size": block_size,
-        "symmetric": True,
-        "accuracy_level": accuracy_level,
-        "lm_head": lm_head,
-        "quantized_matmuls": quantized,
-    }
+def dequantize_rows(packed: np.ndarray, scales: np.ndarray, bits: int, block_size: int, k: int) -> np.ndarray:
+    """The float rows [c, K] that MatMulNBits codes stand for, in plain numpy (an independent reading
+    of the layout: 4-bit codes two per byte, low nibble first; symmetric, zero point 2^(bits-1))."""
+    c, kb, _ = packed.shape
+    if bits == 4:
+        codes = np.stack([packed & 15, packed >> 4], -1).reshape(c, kb, -1)
+    else:
+        codes = packed
+    w = (codes[..., :block_size].astype(np.float32) - 2 ** (bits - 1)) * scales[..., None]
+    return w.reshape(c, kb * block_size)[:, :k]
 
 
-def compare_quality(float_engine, quant_engine, tokenizer) -> dict:
-    """Perplexity of both graphs on PROSE, and how far their logits drift."""
-    from mtad_trt.bench.quality import token_weighted_perplexity
-    from mtad_trt.rows import Row
-    from mtad_trt.scoring import token_logprobs
+def fake_quantize(w: np.ndarray, bits: int, block_size: int) -> np.ndarray:
+    """What a quantized engine multiplies by instead of w [c, K]: quantize, then dequantize."""
+    packed, scales = quantize_rows(w, bits, block_size)
+    return dequantize_rows(packed, scales, bits, block_size, w.shape[1])
 
-    ids = tokenizer.encode(PROSE, add_special_tokens=False)
-    limit = min(float_engine.spec.max_seq_len, 512) - 1
-    ids = ids[: limit + 1]
-    ctx, cont = ids[:1], ids[1:]
-    lf = token_logprobs(Row(float_engine), ctx, cont)
-    lq = token_logprobs(Row(quant_engine), ctx, cont)
-    pf, pq = token_weighted_perplexity([lf]), token_weighted_perplexity([lq])
-    return {
-        "text_tokens": len(ids),
-        "ppl_float": pf,
-        "ppl_quantized": pq,
-        "ppl_ratio": pq / pf,
-        "mean_abs_logprob_diff": float(np.mean(np.abs(lf - lq))),
-        "warn": bool(pq / pf > PPL_WARN_RATIO),
-    }
+
+
+def quantize_matmuls(graph_model: ir.Model, entries: list[Entry], bits: int, block_size: int,
+                     vocab_size: int, lm_head: bool = True, accuracy_level: int = 4) -> list[Entry]:
+    """Every MatMul over a stored Wᵀ -> MatMulNBits over W's block-quantized rows."""
+    graph = graph_model.graph
+    from mtad_trt.export.weights import Entry
+
+    by_value = {id(e.value): e for e in entries if e.transpose}
+    out = list(entries)
+    kpack = 8 // bits
+    count = 0
+    for node in list(graph):
+        if node.op_type != "MatMul" or node.inputs[1] is None:
+            continue
+        e = by_value.get(id(node.inputs[1]))
+        if e is None:
+            continue
+        k, n = e.shape
+        if not lm_head and n == vocab_size:
+            continue
+        kb = (k + block_size - 1) // block_size
+        blob = (block_size + kpack - 1) // kpack
+        base = e.value.name.removesuffix(".T")
+        codes = ir.Value(name=f"{base}_Q{bits}", shape=ir.Shape([n, kb, blob]), type=ir.TensorType(ir.DataType.UINT8))
+        scales = ir.Value(name=f"{base}_scales", shape=ir.Shape([n, kb]), type=ir.TensorType(ir.DataType.FLOAT))
+        attrs = {"K": k, "N": n, "bits": bits, "block_size": block_size}
+        if accuracy_level:
+            attrs["accuracy_level"] = accuracy_level
+        new = ir.node("MatMulNBits", inputs=[node.inputs[0], codes, scales], attributes=attrs,
+                      domain="com.microsoft", name=f"{node.name}_Q{bits}")
+        graph.insert_before(node, new)
+        old_out = node.outputs[0]
+        ir.convenience.replace_all_uses_with(old_out, new.outputs[0], replace_graph_outputs=True)
+        new.outputs[0].name, old_out.name = old_out.name, None
+        new.outputs[0].shape, new.outputs[0].type = old_out.shape, old_out.type
+        graph.remove(node, safe=True)
+        out.append(Entry(codes, ir.DataType.UINT8, (n, kb, blob), source=e.source,
+                         quant={"bits": bits, "block_size": block_size}, scales=scales))
+        count += 1
+        if not e.value.uses():
+            out.remove(e)
+    if count:
+        graph_model.opset_imports.setdefault("com.microsoft", 1)
+    return out

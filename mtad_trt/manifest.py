@@ -31,6 +31,7 @@ class RoleEntry:
     parity: dict[str, Any] = field(default_factory=dict)  # max_abs_diff per case, tolerance, passed
     quantization: dict[str, Any] = field(default_factory=lambda: {"scheme": "none"})
     plans: list[dict[str, Any]] = field(default_factory=list)  # TensorRT plans, one per build
+    export: dict[str, Any] = field(default_factory=dict)  # data sha256 and bytes, per-stage time and peak RSS
 
 
 @dataclass

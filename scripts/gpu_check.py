@@ -288,7 +288,7 @@ def phase_trt(check: Check, args: argparse.Namespace, role: str, work: Path) -> 
     from mtad_trt.backends.trt import TrtRunner
     from mtad_trt.contract import spec_from_model
     from mtad_trt.export.build_trt import build_plans
-    from mtad_trt.export.onnx_export import export_onnx
+    from mtad_trt.export.role import export_onnx
     from mtad_trt.manifest import Manifest, RoleEntry
 
     cfg = (TINY if args.device == "cpu" else PAIR)[role]  # cpu: only under the test suite's fake tensorrt

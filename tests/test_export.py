@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from mtad_trt.backends.ort import OrtRunner
 from mtad_trt.errors import MtadError
-from mtad_trt.export import pair as pair_mod
+from mtad_trt.export import role as role_mod
 from mtad_trt.export.pair import export_pair
 from mtad_trt.export.parity import check_parity, reference_cases
 from mtad_trt.manifest import Manifest
@@ -90,12 +90,12 @@ def test_failed_parity_leaves_nothing(tmp_path, qwen_target, monkeypatch):
         return {"max_abs_diff": {"long_decode": 1.0}, "worst": 1.0, "tolerance": 1e-3, "passed": False,
                 "worst_case": "long_decode", "where": {"long_decode": {"position": 612, "context": 613, "bucket": 1024}}}
 
-    monkeypatch.setattr(pair_mod, "check_parity", bad)
+    monkeypatch.setattr(role_mod, "check_parity", bad)
     out = tmp_path / "engines" / "x"
     with pytest.raises(MtadError) as err:
         export_pair(None, str(qwen_target), out)
     assert str(err.value) == ("parity: target logits differ by 1e0 (tolerance 1e-3) at position 612 of a "
-                              "613-token context (S bucket 1024, long decode)")
+                              "613-token context (S bucket 1024, long decode); truncated model: 2 of 2 layers, vocab 320")
     assert not out.exists()
     assert list((tmp_path / "engines").iterdir()) == []  # no temporary folder left behind
 

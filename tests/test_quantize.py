@@ -33,14 +33,14 @@ def test_manifest_records_scheme_and_quality(int4_engine):
 
 
 def prose_perplexity(engine, role) -> float:
-    """Perplexity of export.quantize.PROSE under one engine's graph: one forward, numpy log-softmax."""
+    """Perplexity of the export's prose sample under one engine's graph: one forward, numpy log-softmax."""
     from transformers import AutoTokenizer
 
-    from mtad_trt.export.quantize import PROSE
+    from mtad_trt.export.role import PROSE, REFERENCE_TOKENS
 
     spec = Manifest.load(engine).roles[role].spec
     ids = AutoTokenizer.from_pretrained(str(engine / "tokenizer")).encode(PROSE, add_special_tokens=False)
-    ids = ids[: min(spec.max_seq_len, 512)]
+    ids = ids[: min(spec.max_seq_len, REFERENCE_TOKENS)]
     logits = Row(OrtRunner(engine / f"{role}/model.onnx", spec)).forward(ids, logits_rows=range(len(ids) - 1))
     x = logits.astype(np.float64)
     logp = x - x.max(-1, keepdims=True)
@@ -49,7 +49,8 @@ def prose_perplexity(engine, role) -> float:
 
 
 def test_manifest_quality_record_is_the_graphs_perplexity(int4_engine, pair_engine):
-    # the recorded perplexities are those of the float graph (same models: pair_engine) and the quantized one
+    # the recorded perplexities: the float reference's (transformers layer by layer) equals the float
+    # graph's of the same models (pair_engine); the quantized one is the quantized graph's
     for role in ("draft", "target"):
         quality = Manifest.load(int4_engine).roles[role].quantization["quality"]
         assert quality["ppl_float"] == pytest.approx(prose_perplexity(pair_engine, role), rel=1e-4)

@@ -18,7 +18,7 @@ from mtad_trt.backends.ort import OrtRunner
 from mtad_trt.backends.torch_backend import TorchRunner
 from mtad_trt.contract import ModelSpec
 from mtad_trt.errors import BackendUnavailable, EngineFolderError
-from mtad_trt.export.onnx_export import export_onnx
+from mtad_trt.export.role import export_onnx
 from mtad_trt.manifest import Manifest, RoleEntry
 from mtad_trt.rows import Row
 from mtad_trt.runner import ModelRunner

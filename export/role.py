@@ -1,0 +1,383 @@
+"""One model (draft or target) -> `<role>/model.onnx` + its external data, streamed and checked.
+
+Stages, each timed with its own peak RSS in the manifest (`RoleEntry.export`):
+
+1. **graph + weights**: the model is built on the meta device and traced (no weights in memory);
+   every weight is then read from the checkpoint one block of rows at a time, converted or
+   quantized, and written (`weights.py`). Peak memory is set by one block, not by the model.
+2. **truncated parity**: the same path exports the checkpoint cut to its first layers (and, when
+   the embedding is large, its first vocabulary rows) as a float32 graph, which must match
+   transformers loaded with the same cut *exactly as the full float models used to*: short and
+   long cases, decode steps, trees, the largest S bucket, past every sliding window
+   (`parity.check_parity`). This is what catches graph and weight-mapping bugs.
+3. **reference**: transformers' own modules run the *full* model over a prose sample and a random
+   prompt with one decoder layer in memory at a time (`reference.streamed_logits`).
+4. **engine check**: the finished graph, run by ONNX Runtime through the runtime's own `Row`, must
+   agree with that reference within its precision's tolerance — max |Δlogits| for float32,
+   relative error for float16 / bfloat16 / quantized graphs — and its perplexity on the prose
+   sample is recorded beside the reference's (what quantization costs).
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from mtad_trt.contract import ModelSpec, spec_from_model, unsupported_feature
+from mtad_trt.errors import MtadError
+from mtad_trt.export import reference, weights
+from mtad_trt.export.onnx_export import meta_model, rename_dims, trace
+from mtad_trt.export.parity import check_parity, failure_line, reference_cases
+from mtad_trt.export.tensors import TensorSource
+from mtad_trt.manifest import RoleEntry, sha256_file
+
+Say = Callable[[str], None]
+FLOAT_TOLERANCE = 1e-3  # max |Δlogits| of a float32 engine against the streamed reference
+# Relative error (reference.relative_error) allowed; measured values are in docs/export.md. A wrongly
+# mapped weight gives errors of order 0.5-1; float-activation int4 graphs measured ~1e-6.
+RELATIVE_TOLERANCE = {"float16": 0.02, "bfloat16": 0.05, "quantized": 1e-3}
+PPL_WARN_RATIO = 1.15  # warn when quantization costs more than 15% perplexity
+REFERENCE_TOKENS = 192  # prose tokens of the engine check
+
+# A fixed English sample for the engine check (original text, written for this project).
+PROSE = (
+    "The harbour was quiet in the early morning. Fishing boats rocked gently at their moorings while "
+    "gulls circled above the market, where traders were setting out crates of ice and the first catch "
+    "of the day. A baker opened her shutters and the smell of warm bread drifted down the street. "
+    "Most of the town would not wake for another hour, but the people who worked by the sea had "
+    "already finished half a day's labour. They spoke little, checked the weather, mended nets and "
+    "counted the money they hoped to make before the tourists arrived. In the afternoon the wind "
+    "turned, clouds gathered over the hills, and by evening the first storm of the autumn had reached "
+    "the coast, sending everyone home early to light their fires and wait for the rain to pass."
+)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM) since the last `reset_peak_rss`."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_rss() -> None:
+    """Linux resets VmHWM to the current RSS on writing 5 to clear_refs; elsewhere the peak stays."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+@contextmanager
+def stage(name: str, record: dict):
+    gc.collect()
+    reset_peak_rss()
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        gc.collect()
+        record[name] = {"seconds": round(time.perf_counter() - t0, 2), "peak_rss_mb": round(peak_rss_bytes() / 2**20)}
+
+
+class Eta:
+    """Progress lines at most every `every` seconds: what is done, of how much, time left."""
+
+    def __init__(self, say: Say, what: str, every: float = 5.0, unit: str = "") -> None:
+        self.say, self.what, self.every, self.unit = say, what, every, unit
+        self.t0 = self.last = time.perf_counter()
+
+    def __call__(self, item: str, done: float, total: float) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.every and done < total:
+            return
+        self.last = now
+        rate = done / max(now - self.t0, 1e-9)
+        left = (total - done) / rate if rate > 0 else float("nan")
+        if self.unit == "params":
+            amount = f"{done / 1e9:.2f} of {total / 1e9:.2f} G parameters"
+        else:
+            amount = f"{done:g} of {total:g}{self.unit}"
+        self.say(f"{self.what}: {100 * done / max(total, 1):.0f}% ({amount}), {_duration(left)} left; at {item}")
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
+
+
+def _duration(s: float) -> str:
+    if not math.isfinite(s):
+        return "?"
+    return f"{int(s // 60)}m{int(s % 60):02d}s" if s >= 60 else f"{s:.0f}s"
+
+
+def build_graph(model, spec: ModelSpec, source: TensorSource, path: Path, opset: int, attention: str,
+                quant: str, block_size: int, lm_head: bool, say: Say | None = None, label: str = "") -> dict:
+    """Trace `model` (meta), bind and stream its weights from `source` into `path` (+ `.data`)."""
+    from mtad_trt.export.quantize import SCHEMES, quantize_matmuls
+
+    try:
+        graph, wrapper = trace(model, spec, opset, attention)
+    except MtadError:
+        raise
+    except Exception as e:
+        raise MtadError(f"{label}: ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+    entries = weights.bind(graph, wrapper, model, source)
+    entries = weights.fold_transposes(graph, entries)
+    if quant != "none":
+        entries = quantize_matmuls(graph, entries, SCHEMES[quant], block_size, spec.vocab_size, lm_head)
+    need = sum(weights.stored_bytes(e) for e in entries)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(path.parent).free
+    if need + 2**26 > free:
+        raise MtadError(f"not enough free disk in {path.parent}: {label} needs {_size(need)}, {_size(free)} free")
+    eta = Eta(say, f"{label}: weights", unit="params") if say is not None else None
+    record = weights.write(graph, entries, source, path, progress=eta)
+    record["quantized"] = {e.source: dict(e.quant) for e in entries if e.quant is not None}
+    proto = onnx.load(str(path), load_external_data=False)
+    rename_dims(proto, spec)
+    onnx.save(proto, str(path))
+    onnx.checker.check_model(str(path))  # path form: the data stays on disk
+    return record
+
+
+def export_onnx(model, spec: ModelSpec, path: Path, opset: int = 18, attention: str = "grouped") -> dict:
+    """Export a model that is already loaded (its own parameters are the source): same path."""
+    from mtad_trt.export.tensors import ModuleSource
+
+    return build_graph(model, spec, ModuleSource(model), Path(path), opset, attention, "none", 0, True)
+
+
+def _logprobs(logits: np.ndarray, ids: list[int]) -> np.ndarray:
+    """log p(ids[i+1] | ids[:i+1]) from full logits rows, in float64."""
+    x = np.asarray(logits[:-1], np.float64)
+    m = x.max(-1, keepdims=True)
+    lse = m[:, 0] + np.log(np.exp(x - m).sum(-1))
+    return x[np.arange(len(x)), ids[1:]] - lse
+
+
+def export_role(src, config, source: TensorSource, folder: Path, role: str, dtype: str, max_seq_len: int,
+                opset: int, say: Say, quant: str = "none", tokenizer=None, block_size: int = 128,
+                quantize_lm_head: bool = True, attention: str = "grouped", topk_head: int = 64) -> RoleEntry:
+
+    t_all = time.perf_counter()
+    stages: dict = {}
+    model = meta_model(config, dtype)
+    spec = spec_from_model(model, dtype, max_seq_len)
+    spec.topk_head = min(topk_head, spec.vocab_size)
+    why = unsupported_feature(model, spec.max_seq_len)
+    if why is not None:
+        raise MtadError(f"{role}: cannot export: {why}")
+    path = folder / role / "model.onnx"
+    say(f"{role}: {spec.architecture}, {spec.num_layers} layers, vocab {spec.vocab_size}: graph and weights "
+        f"({dtype}{'' if quant == 'none' else ', ' + quant})")
+    with stage("graph_and_weights", stages):
+        written = build_graph(model, spec, source, path, opset, attention, quant, block_size, quantize_lm_head,
+                              say, role)
+    del model
+
+    with stage("truncated_parity", stages):
+        parity = _truncated_parity(config, source, folder / f".{role}-truncated", spec, opset, attention,
+                                   topk_head, say, role)
+    if not parity["passed"]:
+        cut = parity["truncated"]
+        raise MtadError(f"{failure_line(parity, role)}; truncated model: {cut['layers']} of {cut['of_layers']} "
+                        f"layers, vocab {cut['vocab']}")
+
+    ids = _check_prompts(tokenizer, spec)
+    fake = _fake_quantizer(written["quantized"])
+    with stage("reference", stages):
+        ref_model = meta_model(config, "float32")
+        refs, fakes = [], []
+        for name, p in ids.items():
+            eta = Eta(say, f"{role}: reference ({name} prompt, {len(p)} tokens{', float and ' + quant if fake else ''}),"
+                           " layers")
+            r, f = reference.streamed_logits(ref_model, source, p, list(range(len(p))), fake=fake,
+                                             progress=lambda i, n, eta=eta: eta(f"layer {i}", i, n))
+            refs.append(r)
+            fakes.append(f)
+        del ref_model
+    with stage("engine_check", stages):
+        got = _run_engine(path, spec, ids)
+        # A quantized graph computes with int8 activations (accuracy_level 4), which the reference does
+        # not model; the same graph and bytes with float activations must match it to float precision.
+        exact = _run_engine(_float_activations(path), spec, ids) if quant != "none" else None
+    check = _compare(dict(zip(ids, refs, strict=True)), dict(zip(ids, got, strict=True)), ids, dtype, quant,
+                     dict(zip(ids, fakes, strict=True)), exact)
+    parity["full_model"] = check
+    if not check["passed"]:
+        raise MtadError(f"parity: {role} engine differs from transformers' layer-by-layer reference: "
+                        f"{check['measure']} {check['value']:.3g} > {check['tolerance']:g} ({check['where']})")
+    quantization = {"scheme": "none"}
+    if quant != "none":
+        quantization = _quant_record(quant, block_size, quantize_lm_head, check, written, path)
+        msg = f"{role}: perplexity {check['ppl_reference']:.3f} (float reference) -> {check['ppl_engine']:.3f} ({quant})"
+        if quantization["quality"]["warn"]:
+            msg += f"  WARNING: quantization costs {100 * (check['ppl_ratio'] - 1):.0f}% perplexity"
+        say(msg)
+    say(f"{role}: done in {time.perf_counter() - t_all:.1f}s (truncated parity {parity['worst']:.1e}, "
+        f"full model {check['measure']} {check['value']:.1e}); peak RSS "
+        f"{max(s['peak_rss_mb'] for s in stages.values())} MB")
+    source_record = src.describe()
+    if src.kind == "gguf":
+        source_record["sha256"] = sha256_file(src.path)
+    return RoleEntry(spec=spec, onnx=f"{role}/model.onnx", onnx_sha256=sha256_file(path), source=source_record,
+                     parity=parity, quantization=quantization,
+                     export={"data_sha256": written["data_sha256"], "data_bytes": written["data_bytes"],
+                             "stages": stages})
+
+
+def _truncated_parity(config, source, folder: Path, spec: ModelSpec, opset, attention, topk_head, say, role) -> dict:
+    from mtad_trt.backends.ort import OrtRunner
+
+    layers, vocab = reference.truncation(config, getattr(config, "hidden_size", 0) or 0)
+    cfg = reference.truncated_config(config, layers, vocab)
+    view = reference.TruncatedSource(source, layers, vocab, config.vocab_size)
+    say(f"{role}: truncated parity ({layers} of {config.num_hidden_layers} layers, vocab {vocab}) against transformers")
+    try:
+        model = meta_model(cfg, "float32")
+        tspec = spec_from_model(model, "float32", spec.max_seq_len)
+        tspec.topk_head = min(topk_head, tspec.vocab_size)
+        build_graph(model, tspec, view, folder / "model.onnx", opset, attention, "none", 0, True, None, role)
+        del model
+        ref = reference.load_all(meta_model(cfg, "float32"), view)
+        cases = reference_cases(ref, tspec)
+        del ref
+        gc.collect()
+        engine = OrtRunner(folder / "model.onnx", tspec, threads=2)
+        parity = check_parity(cases, engine)
+        engine.close()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    parity["truncated"] = {"layers": layers, "of_layers": config.num_hidden_layers, "vocab": vocab,
+                           "of_vocab": config.vocab_size}
+    return parity
+
+
+def _check_prompts(tokenizer, spec: ModelSpec) -> dict[str, list[int]]:
+    """The engine check's prompt: the prose sample (what perplexity is measured on) when there is a
+    tokenizer, else random ids. One prompt only: each costs a full pass over the checkpoint."""
+    limit = min(spec.max_seq_len, REFERENCE_TOKENS)
+    if tokenizer is not None:
+        prose = [i for i in tokenizer.encode(PROSE, add_special_tokens=False) if i < spec.vocab_size][:limit]
+        if len(prose) >= 8:
+            return {"prose": prose}
+    rng = np.random.default_rng(1)
+    return {"random": [int(x) for x in rng.integers(0, spec.vocab_size, min(64, limit))]}
+
+
+def _run_engine(path: Path, spec: ModelSpec, ids: dict[str, list[int]]) -> list[np.ndarray]:
+    """Logits of every position of each prompt, from the graph at `path` run by the runtime's Row."""
+    from mtad_trt.backends.ort import OrtRunner
+    from mtad_trt.rows import Row
+
+    engine = OrtRunner(path, spec, threads=2)
+    try:
+        row = Row(engine)
+        out = []
+        for p in ids.values():
+            row.reset()
+            out.append(row.forward(p, logits_rows=range(len(p))).copy())
+        return out
+    finally:
+        engine.close()
+        if path.name.startswith("."):
+            path.unlink(missing_ok=True)
+
+
+def _float_activations(path: Path) -> Path:
+    """A hidden copy of the graph (not of its data) whose MatMulNBits use float activations
+    (accuracy_level 0): the same codes, so it must equal the fake-quantized reference closely."""
+    proto = onnx.load(str(path), load_external_data=False)
+    for node in proto.graph.node:
+        if node.op_type == "MatMulNBits":
+            keep = [a for a in node.attribute if a.name != "accuracy_level"]
+            del node.attribute[:]
+            node.attribute.extend(keep)
+    out = path.with_name(f".{path.stem}.float-activations.onnx")
+    onnx.save(proto, str(out))  # beside model.onnx: its external data location resolves the same
+    return out
+
+
+def _fake_quantizer(quantized: dict):
+    """fake(name, w): the float weights a quantized graph multiplies by (None: stored as it is)."""
+    if not quantized:
+        return None
+    from mtad_trt.export.quantize import fake_quantize
+
+    def fake(name: str, w: np.ndarray):
+        q = quantized.get(name)
+        if q is None or w.ndim != 2:
+            return None
+        return fake_quantize(w, q["bits"], q["block_size"])
+
+    return fake
+
+
+def _compare(refs: dict, got: dict, ids: dict, dtype: str, quant: str, fakes: dict, exact: list | None) -> dict:
+    """The engine against the reference.
+
+    float32 graphs: max |Δlogits| to the float reference. float16 / bfloat16: relative error to it.
+    Quantized graphs: the same graph with float activations against the fake-quantized reference
+    (the same codes in float arithmetic) — what a wrong weight, code or layout would break; the
+    real graph's distance to it (its int8 activations) and its perplexity are recorded beside.
+    """
+    strict = dtype == "float32" and quant == "none"
+    names = list(refs)
+    if quant != "none":
+        test = dict(zip(names, exact, strict=True))
+        want = fakes
+        measure = "relative error of the float-activation graph to the fake-quantized reference"
+        limit = RELATIVE_TOLERANCE["quantized"]
+    else:
+        test, want = got, refs
+        measure = "max |Δlogits|" if strict else "relative error to the reference"
+        limit = FLOAT_TOLERANCE if strict else RELATIVE_TOLERANCE[dtype]
+    worst, where = -1.0, ""
+    for name in names:
+        if strict:
+            d = float(np.abs(np.asarray(test[name], np.float64) - want[name]).max())
+            d = d if np.isfinite(d) else float("inf")
+        else:
+            d = reference.relative_error(test[name], want[name])
+        if d > worst:
+            worst, where = d, f"{name} prompt, {len(ids[name])} tokens"
+    out = {"measure": measure, "value": worst, "tolerance": limit, "where": where, "passed": bool(worst <= limit),
+           "tokens": {k: len(v) for k, v in ids.items()}}
+    if quant != "none":
+        out["int8_activations_relative_error"] = max(reference.relative_error(got[n], fakes[n]) for n in names)
+        out["to_float_reference_relative_error"] = max(reference.relative_error(got[n], refs[n]) for n in names)
+    if "prose" in ids:
+        p = ids["prose"]
+        pr = math.exp(-float(_logprobs(refs["prose"], p).mean()))
+        pe = math.exp(-float(_logprobs(got["prose"], p).mean()))
+        out.update(ppl_reference=pr, ppl_engine=pe, ppl_ratio=pe / pr,
+                   top1_agreement=float(np.mean(np.argmax(refs["prose"], -1) == np.argmax(got["prose"], -1))))
+    return out
+
+
+def _quant_record(scheme, block_size, lm_head, check, written, path) -> dict:
+    from mtad_trt.export.quantize import SCHEMES
+
+    graph = onnx.load(str(path), load_external_data=False)
+    n = sum(1 for node in graph.graph.node if node.op_type == "MatMulNBits")
+    quality = {"ppl_float": check.get("ppl_reference"), "ppl_quantized": check.get("ppl_engine"),
+               "ppl_ratio": check.get("ppl_ratio"), "top1_agreement": check.get("top1_agreement"),
+               "text_tokens": check["tokens"].get("prose")}
+    quality["warn"] = bool(check.get("ppl_ratio", 1.0) > PPL_WARN_RATIO)
+    quality["relative_error"] = check["to_float_reference_relative_error"]
+    return {"scheme": scheme, "op": "MatMulNBits", "bits": SCHEMES[scheme], "block_size": block_size,
+            "symmetric": True, "accuracy_level": 4, "lm_head": lm_head, "quantized_matmuls": n, "quality": quality}
