@@ -198,6 +198,15 @@ def export_role(src, config, source: TensorSource, folder: Path, role: str, dtyp
                         f"layers, vocab {cut['vocab']}")
 
     ids = _check_prompts(tokenizer, spec)
+    too_big = _cpu_cannot_run(written["parameters"], dtype, quant)
+    if too_big:
+        say(f"{role}: {too_big}: the {dtype} check runs on the truncated model instead")
+        with stage("low_precision_check", stages):
+            check = _truncated_low_precision_check(config, source, folder / f".{role}-truncated", spec, opset,
+                                                   attention, ids)
+        check["full_model_skipped"] = too_big
+        return _finish(src, spec, path, role, parity, check, written, stages, quant, block_size, quantize_lm_head,
+                       say, t_all)
     fake = _fake_quantizer(written["quantized"])
     with stage("reference", stages):
         ref_model = meta_model(config, "float32")
@@ -217,6 +226,12 @@ def export_role(src, config, source: TensorSource, folder: Path, role: str, dtyp
         exact = _run_engine(_float_activations(path), spec, ids) if quant != "none" else None
     check = _compare(dict(zip(ids, refs, strict=True)), dict(zip(ids, got, strict=True)), ids, dtype, quant,
                      dict(zip(ids, fakes, strict=True)), exact)
+    return _finish(src, spec, path, role, parity, check, written, stages, quant, block_size, quantize_lm_head,
+                   say, t_all)
+
+
+def _finish(src, spec, path, role, parity, check, written, stages, quant, block_size, quantize_lm_head, say,
+            t_all) -> RoleEntry:
     parity["full_model"] = check
     if not check["passed"]:
         raise MtadError(f"parity: {role} engine differs from transformers' layer-by-layer reference: "
@@ -237,8 +252,55 @@ def export_role(src, config, source: TensorSource, folder: Path, role: str, dtyp
     return RoleEntry(spec=spec, onnx=f"{role}/model.onnx", onnx_sha256=sha256_file(path), source=source_record,
                      parity=parity, quantization=quantization,
                      export={"data_sha256": written["data_sha256"], "data_bytes": written["data_bytes"],
-                             "stages": stages})
+                             "parameters": written["parameters"], "stages": stages})
 
+
+def _available_memory() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def _cpu_cannot_run(parameters: int, dtype: str, quant: str) -> str | None:
+    """Why ONNX Runtime on this CPU cannot run the full graph for the engine check (None: it can).
+
+    Its CPU provider has no float16/bfloat16 kernels for most operators and casts the weights to
+    float32 at load: a 7B fp16 graph would need ~30 GB. Such graphs are for TensorRT."""
+    if dtype == "float32" or quant != "none":
+        return None
+    need, have = 4 * parameters, _available_memory()
+    if need <= 0.6 * have:
+        return None
+    return (f"ONNX Runtime's CPU provider would hold this {dtype} graph in float32 ({need / 2**30:.1f} GB; "
+            f"{have / 2**30:.1f} GB available)")
+
+
+def _truncated_low_precision_check(config, source, folder: Path, spec: ModelSpec, opset, attention, ids) -> dict:
+    """The truncated model exported in the graph's own dtype through the same path, against transformers'
+    float32 run of the same truncated weights (what the fp16/bf16 conversion could break)."""
+    layers, vocab = reference.truncation(config, getattr(config, "hidden_size", 0) or 0)
+    cfg = reference.truncated_config(config, layers, vocab)
+    view = reference.TruncatedSource(source, layers, vocab, config.vocab_size)
+    prompt = {name: [i for i in p if i < vocab] for name, p in ids.items()}
+    try:
+        model = meta_model(cfg, spec.dtype)
+        tspec = spec_from_model(model, spec.dtype, spec.max_seq_len)
+        tspec.topk_head = min(spec.topk_head, tspec.vocab_size)
+        build_graph(model, tspec, view, folder / "model.onnx", opset, attention, "none", 0, True)
+        del model
+        ref = [reference.streamed_logits(meta_model(cfg, "float32"), view, p, list(range(len(p))))[0]
+               for p in prompt.values()]
+        got = _run_engine(folder / "model.onnx", tspec, prompt)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    check = _compare(dict(zip(prompt, ref, strict=True)), dict(zip(prompt, got, strict=True)), prompt, spec.dtype,
+                     "none", {}, None)
+    check["truncated"] = {"layers": layers, "vocab": vocab}
+    return check
 
 def _truncated_parity(config, source, folder: Path, spec: ModelSpec, opset, attention, topk_head, say, role) -> dict:
     from mtad_trt.backends.ort import OrtRunner

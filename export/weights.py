@@ -215,7 +215,7 @@ def write(graph_model: ir.Model, entries: list[Entry], source: TensorSource, pat
     sha = data.close()
     proto = ir.serde.serialize_model(graph_model)
     onnx.save(proto, str(path))
-    return {"data_sha256": sha, "data_bytes": data.end, "tensors": len(entries)}
+    return {"data_sha256": sha, "data_bytes": data.end, "tensors": len(entries), "parameters": total}
 
 
 def workers() -> int:

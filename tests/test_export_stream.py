@@ -119,6 +119,20 @@ def test_tied_embeddings_and_fp16_graph(tmp_path, tokenizer):
     assert check["measure"] == "relative error to the reference" and check["passed"] and check["value"] < 0.02
 
 
+def test_fp16_graph_too_big_for_this_cpu_is_checked_on_the_truncated_model(tmp_path, single, monkeypatch):
+    """ONNX Runtime's CPU provider would hold an fp16 graph in float32: past the memory there is, the
+    fp16 check runs on the truncated model (same path, same dtype), and the manifest says so."""
+    from mtad_trt.export import role
+
+    monkeypatch.setattr(role, "_available_memory", lambda: 1000)
+    m = export_pair(None, str(single), tmp_path / "e16", max_seq_len=128, dtype="float16")
+    entry = m.roles["target"]
+    check = entry.parity["full_model"]
+    assert check["passed"] and "float32" in check["full_model_skipped"] and check["truncated"]["layers"] == 2
+    assert 0 < check["value"] < 0.02 and set(entry.export["stages"]) == {
+        "graph_and_weights", "truncated_parity", "low_precision_check"}
+
+
 def test_int4_matches_onnxruntime_quantizer_on_the_same_rows():
     """Row-block quantization concatenates into exactly the codes of the whole matrix."""
     from mtad_trt.export.quantize import quantize_rows
