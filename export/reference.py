@@ -196,12 +196,13 @@ def streamed_logits(model: nn.Module, source: TensorSource, ids: list[int], keep
     def embed_forward(self, input_ids):
         uniq, inverse = torch.unique(input_ids, return_inverse=True)
         rows = np.stack([source.read(embed_name, slice(i, i + 1))[0] for i in uniq.tolist()])
-        meta = self.weight
+        meta, pad = self.weight, getattr(self, "padding_idx", None)
         self.weight = nn.Parameter(torch.from_numpy(rows), requires_grad=False)
+        self.padding_idx = None  # it only masks gradients; an index past the gathered rows would be refused
         try:
             return type(self).forward(self, inverse)
         finally:
-            self.weight = meta
+            self.weight, self.padding_idx = meta, pad
 
     def head_forward(self, hidden):
         parts = []

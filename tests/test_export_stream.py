@@ -367,3 +367,13 @@ def test_gguf_file_streams_to_an_engine_equal_to_transformers(tmp_path, arch):
     with torch.no_grad():
         want = model(torch.tensor([ids])).logits[0].numpy()
     assert np.abs(got - want).max() <= 1e-4
+
+
+def test_pad_token_past_the_prompts_rows(tmp_path, tokenizer):
+    """The streamed reference gathers only the prompt's embedding rows; a padding index beyond them (a
+    real Qwen config's pad id is 151643) must not break it."""
+    cfg = qwen_config(tokenizer)
+    cfg.pad_token_id = len(tokenizer) - 1
+    ck = write_checkpoint(tmp_path / "ck", cfg, tokenizer=tokenizer)
+    m = export_pair(None, str(ck), tmp_path / "e", max_seq_len=128)
+    assert m.roles["target"].parity["full_model"]["passed"]
