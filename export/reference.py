@@ -24,17 +24,11 @@ from torch import nn
 
 from mtad_trt.errors import MtadError
 from mtad_trt.export.tensors import TensorInfo, TensorSource, row_blocks
+from mtad_trt.export.weights import param_names, pipelined
 
 LAYER = re.compile(r"\.layers\.(\d+)\.")
 TRUNCATED_VOCAB = 8192  # vocabulary rows kept by the truncated model when the embedding is large
 LARGE_EMBEDDING = 256 * 2**20  # float32 bytes of embedding above which the vocabulary is cut
-
-
-def _names(model) -> dict[int, list[str]]:
-    found: dict[int, list[str]] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        found.setdefault(id(p), []).append(n)
-    return found
 
 
 def _source_name(candidates: list[str], source: TensorSource) -> str:
@@ -45,11 +39,9 @@ def _source_name(candidates: list[str], source: TensorSource) -> str:
     raise MtadError(f"{source.path}: the checkpoint has no tensor for {candidates[0]}")
 
 
-def _load(module: nn.Module, prefix: str, names: dict[int, list[str]], source: TensorSource) -> None:
+def _load(module: nn.Module, names: dict[int, list[str]], source: TensorSource) -> None:
     """Give every (meta) parameter of `module` its float32 value from the source (tensors read on
     as many threads as there are cores)."""
-    from mtad_trt.export.weights import pipelined
-
     todo: dict[int, nn.Parameter] = {}
     for m in module.modules():
         for p in m._parameters.values():
@@ -81,7 +73,7 @@ def _unload(module: nn.Module, names: dict[int, list[str]]) -> None:
 
 def load_all(model: nn.Module, source: TensorSource) -> nn.Module:
     """Fill every parameter of a meta model from the source (for models that fit: truncated ones)."""
-    _load(model, "", _names(model), source)
+    _load(model, param_names(model), source)
     return model
 
 
@@ -177,7 +169,7 @@ def streamed_logits(model: nn.Module, source: TensorSource, ids: list[int], keep
     checkpoint gives both the float reference and the quantized graph's own float arithmetic.
     Returns (float logits, fake-quantized logits or None).
     """
-    names = _names(model)
+    names = param_names(model)
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     layers = list(decoder.layers)
@@ -217,8 +209,6 @@ def streamed_logits(model: nn.Module, source: TensorSource, ids: list[int], keep
         return torch.cat(parts, dim=-1)
 
     def fake_(module: nn.Module) -> None:
-        from mtad_trt.export.weights import pipelined
-
         params = list({id(p): p for m in module.modules() for p in m._parameters.values() if p is not None}.values())
 
         def one(p):
@@ -233,7 +223,7 @@ def streamed_logits(model: nn.Module, source: TensorSource, ids: list[int], keep
         original = type(layer).forward
 
         def run(self, hidden_states, *args, **kwargs):
-            _load(self, "", names, source)
+            _load(self, names, source)
             try:
                 if fake is None:
                     return original(self, hidden_states, *args, **kwargs)

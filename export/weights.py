@@ -23,7 +23,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +52,6 @@ class Entry:
     transpose: bool = False  # store the source's [N, K] as [K, N]
     quant: dict | None = None  # {"bits", "block_size"}: store MatMulNBits codes of the source rows
     scales: ir.Value | None = None  # quant: the scales value, written right after the codes
-    extra: dict = field(default_factory=dict)
 
 
 def stored_bytes(e: Entry) -> int:
@@ -61,7 +60,8 @@ def stored_bytes(e: Entry) -> int:
     return n + (4 * e.shape[0] * e.shape[1] if e.quant is not None else 0)
 
 
-def _param_names(model) -> dict[int, list[str]]:
+def param_names(model) -> dict[int, list[str]]:
+    """Every name each parameter goes by (tied weights have several), keyed by the parameter's id."""
     names: dict[int, list[str]] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(n)
@@ -72,7 +72,7 @@ def bind(graph_model: ir.Model, wrapper, model, source: TensorSource) -> list[En
     """Decide what fills each initializer of the traced graph; check shapes against the source."""
     owners: dict[str, object] = dict(wrapper.named_parameters(remove_duplicate=False))
     buffers = dict(wrapper.named_buffers(remove_duplicate=False))
-    model_names = _param_names(model)
+    model_names = param_names(model)
     available = set(source.names())
     entries = []
     for name, value in graph_model.graph.initializers.items():
