@@ -81,16 +81,32 @@ def reset_peak_rss() -> None:
         pass
 
 
+def current_rss_bytes() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 @contextmanager
-def stage(name: str, record: dict):
+def stage(name: str, record: dict | None):
+    """Time a stage and record its peak RSS, and the RSS it started from (what it added is the difference)."""
+    if record is None:
+        yield
+        return
     gc.collect()
     reset_peak_rss()
+    start = current_rss_bytes()
     t0 = time.perf_counter()
     try:
         yield
     finally:
         gc.collect()
-        record[name] = {"seconds": round(time.perf_counter() - t0, 2), "peak_rss_mb": round(peak_rss_bytes() / 2**20)}
+        record[name] = {"seconds": round(time.perf_counter() - t0, 2), "peak_rss_mb": round(peak_rss_bytes() / 2**20),
+                        "start_rss_mb": round(start / 2**20)}
 
 
 class Eta:
@@ -125,27 +141,31 @@ def _duration(s: float) -> str:
 
 
 def build_graph(model, spec: ModelSpec, source: TensorSource, path: Path, opset: int, attention: str,
-                quant: str, block_size: int, lm_head: bool, say: Say | None = None, label: str = "") -> dict:
-    """Trace `model` (meta), bind and stream its weights from `source` into `path` (+ `.data`)."""
+                quant: str, block_size: int, lm_head: bool, say: Say | None = None, label: str = "",
+                stages: dict | None = None) -> dict:
+    """Trace `model` (meta), bind and stream its weights from `source` into `path` (+ `.data`).
+    With `stages`, the two halves are recorded as the stages "graph" and "weights"."""
     from mtad_trt.export.quantize import SCHEMES, quantize_matmuls
 
-    try:
-        graph, wrapper = trace(model, spec, opset, attention)
-    except MtadError:
-        raise
-    except Exception as e:
-        raise MtadError(f"{label}: ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
-    entries = weights.bind(graph, wrapper, model, source)
-    entries = weights.fold_transposes(graph, entries)
-    if quant != "none":
-        entries = quantize_matmuls(graph, entries, SCHEMES[quant], block_size, spec.vocab_size, lm_head)
+    with stage("graph", stages):
+        try:
+            graph, wrapper = trace(model, spec, opset, attention)
+        except MtadError:
+            raise
+        except Exception as e:
+            raise MtadError(f"{label}: ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+        entries = weights.bind(graph, wrapper, model, source)
+        entries = weights.fold_transposes(graph, entries)
+        if quant != "none":
+            entries = quantize_matmuls(graph, entries, SCHEMES[quant], block_size, spec.vocab_size, lm_head)
     need = sum(weights.stored_bytes(e) for e in entries)
     path.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(path.parent).free
     if need + 2**26 > free:
         raise MtadError(f"not enough free disk in {path.parent}: {label} needs {_size(need)}, {_size(free)} free")
     eta = Eta(say, f"{label}: weights", unit="params") if say is not None else None
-    record = weights.write(graph, entries, source, path, progress=eta)
+    with stage("weights", stages):
+        record = weights.write(graph, entries, source, path, progress=eta)
     record["quantized"] = {e.source: dict(e.quant) for e in entries if e.quant is not None}
     proto = onnx.load(str(path), load_external_data=False)
     rename_dims(proto, spec)
@@ -184,9 +204,8 @@ def export_role(src, config, source: TensorSource, folder: Path, role: str, dtyp
     path = folder / role / "model.onnx"
     say(f"{role}: {spec.architecture}, {spec.num_layers} layers, vocab {spec.vocab_size}: graph and weights "
         f"({dtype}{'' if quant == 'none' else ', ' + quant})")
-    with stage("graph_and_weights", stages):
-        written = build_graph(model, spec, source, path, opset, attention, quant, block_size, quantize_lm_head,
-                              say, role)
+    written = build_graph(model, spec, source, path, opset, attention, quant, block_size, quantize_lm_head,
+                          say, role, stages)
     del model
 
     with stage("truncated_parity", stages):
