@@ -125,13 +125,15 @@ def models_list() -> None:
               help="Weight-only quantization for the ONNX Runtime CPU path: none|int8|int4 for both models, "
                    "or per role, e.g. 'draft=int4,target=int8'.")
 @click.option("--block-size", default=128, show_default=True, help="Quantization block size (128 measured faster than 32 at equal perplexity, docs/results.md).")
-@click.option("--quantize-lm-head/--no-quantize-lm-head", default=True, show_default=True)
+@click.option("--lm-head", default="same", show_default=True,
+              help="LM head of quantized graphs: same (the role's scheme) | float | int8 | int4, or per role "
+                   "(e.g. draft=int8,target=same): a small draft loses most in its LM head.")
 @click.option("--topk-head", default=64, show_default=True,
               help="Top-k head width in the graph (top-k sampling and greedy without reading the full logits; 0 = none).")
 @click.option("--attention", type=click.Choice(["grouped", "eager"]), default="grouped", show_default=True,
               help="Attention formulation in the graph; eager (repeat_kv) only to measure the difference.")
 @friendly
-def export(draft, target, out, max_seq_len, dtype, opset, force, quantize, block_size, quantize_lm_head,
+def export(draft, target, out, max_seq_len, dtype, opset, force, quantize, block_size, lm_head,
            topk_head, attention) -> None:
     """Export a draft/target pair to ONNX graphs with KV-cache I/O, parity-checked."""
     from mtad_trt.extras import EXPORT, require
@@ -145,7 +147,7 @@ def export(draft, target, out, max_seq_len, dtype, opset, force, quantize, block
     dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype]
     manifest = export_pair(draft, target, out, max_seq_len, dtype, opset, force, progress=_progress(),
                            quantize=parse_quantize(quantize), block_size=block_size,
-                           quantize_lm_head=quantize_lm_head, attention=attention, topk_head=topk_head)
+                           lm_head=parse_quantize(lm_head), attention=attention, topk_head=topk_head)
     for role, entry in manifest.roles.items():
         q = entry.quantization
         extra = ""

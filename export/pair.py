@@ -53,7 +53,7 @@ def export_pair(
     progress: Progress | None = None,
     quantize: dict[str, str] | None = None,
     block_size: int = 128,
-    quantize_lm_head: bool = True,
+    lm_head: dict[str, str] | str = "same",
     attention: str = "grouped",
     topk_head: int = DEFAULT_TOPK_HEAD,
 ) -> Manifest:
@@ -66,8 +66,12 @@ def export_pair(
     if opset < 18:
         raise MtadError(f"opset {opset} is too old: the contract needs opset >= 18")
     quantize = quantize or {}
-    from mtad_trt.export.quantize import SCHEMES
+    from mtad_trt.export.quantize import LM_HEAD, SCHEMES
 
+    heads = {"draft": lm_head, "target": lm_head} if isinstance(lm_head, str) else dict(lm_head)
+    for role, head in heads.items():
+        if role not in ("draft", "target") or head not in LM_HEAD:
+            raise MtadError(f"bad LM head setting {role}={head} (roles: draft, target; choices: {', '.join(LM_HEAD)})")
     for role, scheme in quantize.items():
         if role not in ("draft", "target") or scheme not in SCHEMES:
             raise MtadError(f"bad quantization setting {role}={scheme} (roles: draft, target; schemes: {', '.join(SCHEMES)})")
@@ -97,7 +101,7 @@ def export_pair(
                 roles[role] = export_role(
                     srcs[role], configs[role], source, tmp, role, dtype, max_seq_len, opset, say,
                     quant=quantize.get(role, "none"), tokenizer=toks[role],
-                    block_size=block_size, quantize_lm_head=quantize_lm_head, attention=attention,
+                    block_size=block_size, lm_head=heads.get(role, "same"), attention=attention,
                     topk_head=topk_head,
                 )
             finally:
@@ -110,7 +114,7 @@ def export_pair(
             pad_token_id=tok.pad_token_id,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             export_settings={"dtype": dtype, "opset": opset, "max_seq_len": max_seq_len, "quantize": quantize,
-                             "block_size": block_size, "attention": attention, "topk_head": topk_head},
+                             "block_size": block_size, "lm_head": heads, "attention": attention, "topk_head": topk_head},
         )
         manifest.save(tmp)
         if out.exists():

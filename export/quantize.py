@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from mtad_trt.export.weights import Entry
 
 SCHEMES = {"none": 0, "int8": 8, "int4": 4}
+LM_HEAD = {"same": None, "float": 0, "int8": 8, "int4": 4}  # --lm-head: bits for the LM head (None: the role's)
 
 
 def quantize_rows(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -66,14 +67,17 @@ def fake_quantize(w: np.ndarray, bits: int, block_size: int) -> np.ndarray:
 
 
 def quantize_matmuls(graph_model: ir.Model, entries: list[Entry], bits: int, block_size: int,
-                     vocab_size: int, lm_head: bool = True, accuracy_level: int = 4) -> list[Entry]:
-    """Every MatMul over a stored Wᵀ -> MatMulNBits over W's block-quantized rows."""
-    graph = graph_model.graph
+                     vocab_size: int, lm_head_bits: int | None = None, accuracy_level: int = 4) -> list[Entry]:
+    """Every MatMul over a stored Wᵀ -> MatMulNBits over W's block-quantized rows.
+
+    The LM head (the MatMul whose output is the vocabulary) gets `lm_head_bits` (0: stays float;
+    None: `bits` like the rest): it is the largest matrix and the one a small draft is most
+    sensitive to."""
     from mtad_trt.export.weights import Entry
 
+    graph = graph_model.graph
     by_value = {id(e.value): e for e in entries if e.transpose}
     out = list(entries)
-    kpack = 8 // bits
     count = 0
     for node in list(graph):
         if node.op_type != "MatMul" or node.inputs[1] is None:
@@ -82,18 +86,20 @@ def quantize_matmuls(graph_model: ir.Model, entries: list[Entry], bits: int, blo
         if e is None:
             continue
         k, n = e.shape
-        if not lm_head and n == vocab_size:
+        b = bits if n != vocab_size or lm_head_bits is None else lm_head_bits
+        if b == 0:
             continue
+        kpack = 8 // b
         kb = (k + block_size - 1) // block_size
         blob = (block_size + kpack - 1) // kpack
         base = e.value.name.removesuffix(".T")
-        codes = ir.Value(name=f"{base}_Q{bits}", shape=ir.Shape([n, kb, blob]), type=ir.TensorType(ir.DataType.UINT8))
+        codes = ir.Value(name=f"{base}_Q{b}", shape=ir.Shape([n, kb, blob]), type=ir.TensorType(ir.DataType.UINT8))
         scales = ir.Value(name=f"{base}_scales", shape=ir.Shape([n, kb]), type=ir.TensorType(ir.DataType.FLOAT))
-        attrs = {"K": k, "N": n, "bits": bits, "block_size": block_size}
+        attrs = {"K": k, "N": n, "bits": b, "block_size": block_size}
         if accuracy_level:
             attrs["accuracy_level"] = accuracy_level
         new = ir.node("MatMulNBits", inputs=[node.inputs[0], codes, scales], attributes=attrs,
-                      domain="com.microsoft", name=f"{node.name}_Q{bits}")
+                      domain="com.microsoft", name=f"{node.name}_Q{b}")
         graph.insert_before(node, new)
         old_out = node.outputs[0]
         ir.convenience.replace_all_uses_with(old_out, new.outputs[0], replace_graph_outputs=True)
@@ -101,7 +107,7 @@ def quantize_matmuls(graph_model: ir.Model, entries: list[Entry], bits: int, blo
         new.outputs[0].shape, new.outputs[0].type = old_out.shape, old_out.type
         graph.remove(node, safe=True)
         out.append(Entry(codes, ir.DataType.UINT8, (n, kb, blob), source=e.source,
-                         quant={"bits": bits, "block_size": block_size}, scales=scales))
+                         quant={"bits": b, "block_size": block_size}, scales=scales))
         count += 1
         if not e.value.uses():
             out.remove(e)

@@ -141,11 +141,11 @@ def _duration(s: float) -> str:
 
 
 def build_graph(model, spec: ModelSpec, source: TensorSource, path: Path, opset: int, attention: str,
-                quant: str, block_size: int, lm_head: bool, say: Say | None = None, label: str = "",
+                quant: str, block_size: int, lm_head: str = "same", say: Say | None = None, label: str = "",
                 stages: dict | None = None) -> dict:
     """Trace `model` (meta), bind and stream its weights from `source` into `path` (+ `.data`).
     With `stages`, the two halves are recorded as the stages "graph" and "weights"."""
-    from mtad_trt.export.quantize import SCHEMES, quantize_matmuls
+    from mtad_trt.export.quantize import LM_HEAD, SCHEMES, quantize_matmuls
 
     with stage("graph", stages):
         try:
@@ -157,7 +157,7 @@ def build_graph(model, spec: ModelSpec, source: TensorSource, path: Path, opset:
         entries = weights.bind(graph, wrapper, model, source)
         entries = weights.fold_transposes(graph, entries)
         if quant != "none":
-            entries = quantize_matmuls(graph, entries, SCHEMES[quant], block_size, spec.vocab_size, lm_head)
+            entries = quantize_matmuls(graph, entries, SCHEMES[quant], block_size, spec.vocab_size, LM_HEAD[lm_head])
     need = sum(weights.stored_bytes(e) for e in entries)
     path.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(path.parent).free
@@ -178,7 +178,7 @@ def export_onnx(model, spec: ModelSpec, path: Path, opset: int = 18, attention: 
     """Export a model that is already loaded (its own parameters are the source): same path."""
     from mtad_trt.export.tensors import ModuleSource
 
-    return build_graph(model, spec, ModuleSource(model), Path(path), opset, attention, "none", 0, True)
+    return build_graph(model, spec, ModuleSource(model), Path(path), opset, attention, "none", 0)
 
 
 def _logprobs(logits: np.ndarray, ids: list[int]) -> np.ndarray:
@@ -191,7 +191,7 @@ def _logprobs(logits: np.ndarray, ids: list[int]) -> np.ndarray:
 
 def export_role(src, config, source: TensorSource, folder: Path, role: str, dtype: str, max_seq_len: int,
                 opset: int, say: Say, quant: str = "none", tokenizer=None, block_size: int = 128,
-                quantize_lm_head: bool = True, attention: str = "grouped", topk_head: int = 64) -> RoleEntry:
+                lm_head: str = "same", attention: str = "grouped", topk_head: int = 64) -> RoleEntry:
 
     t_all = time.perf_counter()
     stages: dict = {}
@@ -204,7 +204,7 @@ def export_role(src, config, source: TensorSource, folder: Path, role: str, dtyp
     path = folder / role / "model.onnx"
     say(f"{role}: {spec.architecture}, {spec.num_layers} layers, vocab {spec.vocab_size}: graph and weights "
         f"({dtype}{'' if quant == 'none' else ', ' + quant})")
-    written = build_graph(model, spec, source, path, opset, attention, quant, block_size, quantize_lm_head,
+    written = build_graph(model, spec, source, path, opset, attention, quant, block_size, lm_head,
                           say, role, stages)
     del model
 
@@ -224,7 +224,7 @@ def export_role(src, config, source: TensorSource, folder: Path, role: str, dtyp
             check = _truncated_low_precision_check(config, source, folder / f".{role}-truncated", spec, opset,
                                                    attention, ids)
         check["full_model_skipped"] = too_big
-        return _finish(src, spec, path, role, parity, check, written, stages, quant, block_size, quantize_lm_head,
+        return _finish(src, spec, path, role, parity, check, written, stages, quant, block_size, lm_head,
                        say, t_all)
     fake = _fake_quantizer(written["quantized"])
     with stage("reference", stages):
@@ -245,11 +245,11 @@ def export_role(src, config, source: TensorSource, folder: Path, role: str, dtyp
         exact = _run_engine(_float_activations(path), spec, ids) if quant != "none" else None
     check = _compare(dict(zip(ids, refs, strict=True)), dict(zip(ids, got, strict=True)), ids, dtype, quant,
                      dict(zip(ids, fakes, strict=True)), exact)
-    return _finish(src, spec, path, role, parity, check, written, stages, quant, block_size, quantize_lm_head,
+    return _finish(src, spec, path, role, parity, check, written, stages, quant, block_size, lm_head,
                    say, t_all)
 
 
-def _finish(src, spec, path, role, parity, check, written, stages, quant, block_size, quantize_lm_head, say,
+def _finish(src, spec, path, role, parity, check, written, stages, quant, block_size, lm_head, say,
             t_all) -> RoleEntry:
     parity["full_model"] = check
     if not check["passed"]:
@@ -257,7 +257,7 @@ def _finish(src, spec, path, role, parity, check, written, stages, quant, block_
                         f"{check['measure']} {check['value']:.3g} > {check['tolerance']:g} ({check['where']})")
     quantization = {"scheme": "none"}
     if quant != "none":
-        quantization = _quant_record(quant, block_size, quantize_lm_head, check, written, path)
+        quantization = _quant_record(quant, block_size, lm_head, check, written, path)
         msg = f"{role}: perplexity {check['ppl_reference']:.3f} (float reference) -> {check['ppl_engine']:.3f} ({quant})"
         if quantization["quality"]["warn"]:
             msg += f"  WARNING: quantization costs {100 * (check['ppl_ratio'] - 1):.0f}% perplexity"
@@ -309,7 +309,7 @@ def _truncated_low_precision_check(config, source, folder: Path, spec: ModelSpec
         model = meta_model(cfg, spec.dtype)
         tspec = spec_from_model(model, spec.dtype, spec.max_seq_len)
         tspec.topk_head = min(spec.topk_head, tspec.vocab_size)
-        build_graph(model, tspec, view, folder / "model.onnx", opset, attention, "none", 0, True)
+        build_graph(model, tspec, view, folder / "model.onnx", opset, attention, "none", 0)
         del model
         ref = [reference.streamed_logits(meta_model(cfg, "float32"), view, p, list(range(len(p))))[0]
                for p in prompt.values()]
@@ -332,7 +332,7 @@ def _truncated_parity(config, source, folder: Path, spec: ModelSpec, opset, atte
         model = meta_model(cfg, "float32")
         tspec = spec_from_model(model, "float32", spec.max_seq_len)
         tspec.topk_head = min(topk_head, tspec.vocab_size)
-        build_graph(model, tspec, view, folder / "model.onnx", opset, attention, "none", 0, True, None, role)
+        build_graph(model, tspec, view, folder / "model.onnx", opset, attention, "none", 0, label=role)
         del model
         ref = reference.load_all(meta_model(cfg, "float32"), view)
         cases = reference_cases(ref, tspec)
@@ -461,4 +461,5 @@ def _quant_record(scheme, block_size, lm_head, check, written, path) -> dict:
     quality["warn"] = bool(check.get("ppl_ratio", 1.0) > PPL_WARN_RATIO)
     quality["relative_error"] = check["to_float_reference_relative_error"]
     return {"scheme": scheme, "op": "MatMulNBits", "bits": SCHEMES[scheme], "block_size": block_size,
-            "symmetric": True, "accuracy_level": 4, "lm_head": lm_head, "quantized_matmuls": n, "quality": quality}
+            "symmetric": True, "accuracy_level": 4, "lm_head": scheme if lm_head == "same" else lm_head,
+            "quantized_matmuls": n, "quality": quality}

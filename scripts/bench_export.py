@@ -70,7 +70,7 @@ def synth(args) -> None:
 def export(args) -> None:
     from mtad_trt.export.pair import export_pair
 
-    q = {"target": args.quantize} if args.quantize != "none" else {}
+    q = {role: args.quantize for role in ("draft", "target")} if args.quantize != "none" else {}
     dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[args.dtype]
     m = export_pair(args.draft, args.target, args.out, max_seq_len=args.max_seq_len, dtype=dtype, force=True,
                     quantize=q, progress=lambda s: print(s, flush=True))

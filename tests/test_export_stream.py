@@ -378,3 +378,23 @@ def test_pad_token_past_the_prompts_rows(tmp_path, tokenizer):
     ck = write_checkpoint(tmp_path / "ck", cfg, tokenizer=tokenizer)
     m = export_pair(None, str(ck), tmp_path / "e", max_seq_len=128)
     assert m.roles["target"].parity["full_model"]["passed"]
+
+
+def test_lm_head_in_its_own_scheme(tmp_path, single):
+    """--lm-head int8 on an int4 graph: the vocabulary MatMul is 8-bit, every other one 4-bit, and the
+    float-activation check (which fake-quantizes each weight with its own bits) still passes."""
+    import onnx
+
+    m = export_pair(None, str(single), tmp_path / "e", max_seq_len=128, quantize={"target": "int4"},
+                    block_size=32, lm_head={"target": "int8"})
+    entry = m.roles["target"]
+    assert entry.quantization["lm_head"] == "int8" and entry.parity["full_model"]["value"] < 1e-4
+    graph = onnx.load(str(tmp_path / "e/target/model.onnx"), load_external_data=False).graph
+    bits = {}
+    for node in graph.node:
+        if node.op_type == "MatMulNBits":
+            a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
+            bits[a["N"] == entry.spec.vocab_size] = bits.get(a["N"] == entry.spec.vocab_size, set()) | {a["bits"]}
+    assert bits == {True: {8}, False: {4}}
+    with pytest.raises(MtadError, match="bad LM head setting draft=int3"):
+        export_pair(None, str(single), tmp_path / "x", quantize={"target": "int4"}, lm_head="int3")
