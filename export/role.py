@@ -24,8 +24,6 @@ import gc
 import math
 import shutil
 import time
-from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +34,10 @@ from mtad_trt.errors import MtadError
 from mtad_trt.export import reference, weights
 from mtad_trt.export.onnx_export import meta_model, rename_dims, trace
 from mtad_trt.export.parity import check_parity, failure_line, reference_cases
+from mtad_trt.export.progress import Eta, Say, size_text, stage
 from mtad_trt.export.tensors import TensorSource
 from mtad_trt.manifest import RoleEntry, sha256_file
 
-Say = Callable[[str], None]
 FLOAT_TOLERANCE = 1e-3  # max |Δlogits| of a float32 engine against the streamed reference
 # Relative error (reference.relative_error) allowed; measured values are in docs/export.md. A wrongly
 # mapped weight gives errors of order 0.5-1; float-activation int4 graphs measured ~1e-6.
@@ -58,86 +56,6 @@ PROSE = (
     "turned, clouds gathered over the hills, and by evening the first storm of the autumn had reached "
     "the coast, sending everyone home early to light their fires and wait for the rain to pass."
 )
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set (VmHWM) since the last `reset_peak_rss`."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def reset_peak_rss() -> None:
-    """Linux resets VmHWM to the current RSS on writing 5 to clear_refs; elsewhere the peak stays."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def current_rss_bytes() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-@contextmanager
-def stage(name: str, record: dict | None):
-    """Time a stage and record its peak RSS, and the RSS it started from (what it added is the difference)."""
-    if record is None:
-        yield
-        return
-    gc.collect()
-    reset_peak_rss()
-    start = current_rss_bytes()
-    t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        gc.collect()
-        record[name] = {"seconds": round(time.perf_counter() - t0, 2), "peak_rss_mb": round(peak_rss_bytes() / 2**20),
-                        "start_rss_mb": round(start / 2**20)}
-
-
-class Eta:
-    """Progress lines at most every `every` seconds: what is done, of how much, time left."""
-
-    def __init__(self, say: Say, what: str, every: float = 5.0, unit: str = "") -> None:
-        self.say, self.what, self.every, self.unit = say, what, every, unit
-        self.t0 = self.last = time.perf_counter()
-
-    def __call__(self, item: str, done: float, total: float) -> None:
-        now = time.perf_counter()
-        if now - self.last < self.every and done < total:
-            return
-        self.last = now
-        rate = done / max(now - self.t0, 1e-9)
-        left = (total - done) / rate if rate > 0 else float("nan")
-        if self.unit == "params":
-            amount = f"{done / 1e9:.2f} of {total / 1e9:.2f} G parameters"
-        else:
-            amount = f"{done:g} of {total:g}{self.unit}"
-        self.say(f"{self.what}: {100 * done / max(total, 1):.0f}% ({amount}), {_duration(left)} left; at {item}")
-
-
-def _size(n: float) -> str:
-    return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
-
-
-def _duration(s: float) -> str:
-    if not math.isfinite(s):
-        return "?"
-    return f"{int(s // 60)}m{int(s % 60):02d}s" if s >= 60 else f"{s:.0f}s"
 
 
 def build_graph(model, spec: ModelSpec, source: TensorSource, path: Path, opset: int, attention: str,
@@ -162,7 +80,7 @@ def build_graph(model, spec: ModelSpec, source: TensorSource, path: Path, opset:
     path.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(path.parent).free
     if need + 2**26 > free:
-        raise MtadError(f"not enough free disk in {path.parent}: {label} needs {_size(need)}, {_size(free)} free")
+        raise MtadError(f"not enough free disk in {path.parent}: {label} needs {size_text(need)}, {size_text(free)} free")
     eta = Eta(say, f"{label}: weights", unit="params") if say is not None else None
     with stage("weights", stages):
         record = weights.write(graph, entries, source, path, progress=eta)

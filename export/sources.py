@@ -6,23 +6,10 @@ checked for a shared tokenizer *before* any model is loaded.
 
 from __future__ import annotations
 
-from mtad_trt.checkpoint import Checkpoint, load_model, load_tokenizer, open_path
+from mtad_trt.checkpoint import Checkpoint, load_config, load_model, load_tokenizer, open_path
 from mtad_trt.errors import MtadError
 
 __all__ = ["Checkpoint", "load_config", "load_model", "load_tokenizer", "resolve", "tokenizer_difference"]
-
-
-def load_config(src: Checkpoint):
-    """The model's config alone (no weights): what the export builds its meta model from."""
-    from transformers import AutoConfig
-
-    try:
-        if src.kind == "gguf":
-            return AutoConfig.from_pretrained(str(src.folder), gguf_file=src.path.name)
-        return AutoConfig.from_pretrained(str(src.path))
-    except Exception as e:  # transformers raises many kinds; the user needs one line
-        why = " ".join(str(e).split())  # transformers' validation errors span lines; ours is one
-        raise MtadError(f"cannot read a model config from {src.path}: {type(e).__name__}: {why}") from None
 
 
 def resolve(spec: str) -> Checkpoint:

@@ -49,15 +49,27 @@ def open_path(spec: str) -> Checkpoint | None:
     return None
 
 
-def load_tokenizer(src: Checkpoint):
-    from transformers import AutoTokenizer
+def _from_pretrained(auto_class: str, src: Checkpoint, what: str):
+    """transformers' Auto* loading of a folder or a GGUF, with any failure as one line."""
+    import transformers
 
+    cls = getattr(transformers, auto_class)
     try:
         if src.kind == "gguf":
-            return AutoTokenizer.from_pretrained(str(src.folder), gguf_file=src.path.name)
-        return AutoTokenizer.from_pretrained(str(src.path))
+            return cls.from_pretrained(str(src.folder), gguf_file=src.path.name)
+        return cls.from_pretrained(str(src.path))
     except Exception as e:  # transformers raises many kinds; the user needs one line
-        raise MtadError(f"cannot load a tokenizer from {src.path}: {type(e).__name__}: {e}") from None
+        why = " ".join(str(e).split())  # its validation errors span lines
+        raise MtadError(f"cannot {what} from {src.path}: {type(e).__name__}: {why}") from None
+
+
+def load_tokenizer(src: Checkpoint):
+    return _from_pretrained("AutoTokenizer", src, "load a tokenizer")
+
+
+def load_config(src: Checkpoint):
+    """The model's config alone (no weights): what the streaming export builds its meta model from."""
+    return _from_pretrained("AutoConfig", src, "read a model config")
 
 
 def load_model(src: Checkpoint, dtype: str = "float32"):
