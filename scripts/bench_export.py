@@ -2,8 +2,7 @@
 
     python scripts/bench_export.py synth --config qwen2.5-7b --out /data/ck-7b       # write a checkpoint
     python scripts/bench_export.py export --target /data/ck-7b --out engines/q7 --quantize int4
-    python scripts/bench_export.py steps engines/q7 --threads 2                      # 1x1, 1x5, 4x1 at S=256
-    python scripts/bench_export.py pair --out engines/qc                              # the quickstart's export
+    bash scripts/bench_large_engine.sh engines/q7 out/                               # generate/serve/bench/tune
 
 Every command appends one JSON line to --record (default docs/data/export/runs.jsonl): the
 command, its wall time, the child's peak RSS (ru_maxrss of the finished child, so the measuring
@@ -26,19 +25,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-# Real configs (the published config.json fields that set shapes), for synthetic checkpoints.
-CONFIGS = {
-    "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
-                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-                       max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
-                       tie_word_embeddings=False, sliding_window=None, use_sliding_window=False),
-    "qwen2.5-1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
-                         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                         max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
-                         tie_word_embeddings=True, sliding_window=None, use_sliding_window=False),
-}
-
-
 def run_child(cmd: list[str], record: Path, label: str, extra: dict | None = None) -> int:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd)
@@ -54,7 +40,7 @@ def run_child(cmd: list[str], record: Path, label: str, extra: dict | None = Non
 
 
 def synth(args) -> None:
-    from synthetic import write_checkpoint
+    from synthetic import CONFIGS, write_checkpoint
     from transformers import AutoConfig
 
     from tiny import make_tokenizer
@@ -85,7 +71,7 @@ def main() -> None:
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("synth")
-    s.add_argument("--config", choices=sorted(CONFIGS), required=True)
+    s.add_argument("--config", choices=["qwen2.5-7b", "qwen2.5-1.5b"], required=True)
     s.add_argument("--layers", type=int, default=0)
     s.add_argument("--shards", type=int, default=4)
     s.add_argument("--out", required=True)

@@ -16,6 +16,18 @@ import torch
 
 from mtad_trt.export.tensors import INDEX, SINGLE, write_safetensors
 
+# Real configs (the published config.json fields that set shapes), for synthetic checkpoints.
+CONFIGS = {
+    "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                       max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                       tie_word_embeddings=False, sliding_window=None, use_sliding_window=False),
+    "qwen2.5-1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                         max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                         tie_word_embeddings=True, sliding_window=None, use_sliding_window=False),
+}
+
 
 def tensor_list(config) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of every tensor a checkpoint of `config` holds (tied LM head left out)."""

@@ -398,3 +398,31 @@ def test_lm_head_in_its_own_scheme(tmp_path, single):
     assert bits == {True: {8}, False: {4}}
     with pytest.raises(MtadError, match="bad LM head setting draft=int3"):
         export_pair(None, str(single), tmp_path / "x", quantize={"target": "int4"}, lm_head="int3")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("MTAD_TRT_HEAVY") != "1",
+                    reason="MTAD_TRT_HEAVY=1: a Qwen2.5-7B-shaped checkpoint, 15 GB on disk and ~10 min")
+def test_7b_shaped_checkpoint_to_int4_within_the_memory_goals(tmp_path):
+    """docs/export.md (b) as a test: the conversion stages stay under 3 GB, every check passes."""
+    code = textwrap.dedent(f"""
+        import json, sys
+        sys.path.insert(0, {str(ROOT / "tests")!r})
+        from transformers import AutoConfig
+        from synthetic import CONFIGS, write_checkpoint
+        from tiny import make_tokenizer
+        from mtad_trt.export.pair import export_pair
+        fields = dict(CONFIGS["qwen2.5-7b"])
+        cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
+        write_checkpoint({str(tmp_path / "ck")!r}, cfg, shards=4, tokenizer=make_tokenizer())
+        m = export_pair(None, {str(tmp_path / "ck")!r}, {str(tmp_path / "e")!r}, quantize={{"target": "int4"}})
+        e = m.roles["target"]
+        print(json.dumps({{"stages": e.export["stages"], "full": e.parity["full_model"]}}))
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    stages = out["stages"]
+    assert stages["graph"]["peak_rss_mb"] <= 3072 and stages["weights"]["peak_rss_mb"] <= 3072, stages
+    assert out["full"]["passed"] and out["full"]["value"] < 1e-3, out["full"]
