@@ -6,7 +6,8 @@ Stages, each timed with its own peak RSS in the manifest (`RoleEntry.export`):
    every weight is then read from the checkpoint one block of rows at a time, converted or
    quantized, and written (`weights.py`). Peak memory is set by one block, not by the model.
 2. **truncated parity**: the same path exports the checkpoint cut to its first layers (and, when
-   the embedding is large, its first vocabulary rows) as a float32 graph, which must match
+   the embedding is large, its first vocabulary rows) as a float32 graph (a float32 export whose
+   cut keeps the whole model checks its finished graph instead), which must match
    transformers loaded with the same cut *exactly as the full float models used to*: short and
    long cases, decode steps, trees, the largest S bucket, past every sliding window
    (`parity.check_parity`). This is what catches graph and weight-mapping bugs.
@@ -128,7 +129,7 @@ def export_role(src, config, source: TensorSource, folder: Path, role: str, dtyp
 
     with stage("truncated_parity", stages):
         parity = _truncated_parity(config, source, folder / f".{role}-truncated", spec, opset, attention,
-                                   topk_head, say, role)
+                                   topk_head, say, role, path if dtype == "float32" and quant == "none" else None)
     if not parity["passed"]:
         cut = parity["truncated"]
         raise MtadError(f"{failure_line(parity, role)}; truncated model: {cut['layers']} of {cut['of_layers']} "
@@ -239,30 +240,39 @@ def _truncated_low_precision_check(config, source, folder: Path, spec: ModelSpec
     check["truncated"] = {"layers": layers, "vocab": vocab}
     return check
 
-def _truncated_parity(config, source, folder: Path, spec: ModelSpec, opset, attention, topk_head, say, role) -> dict:
+def _truncated_parity(config, source, folder: Path, spec: ModelSpec, opset, attention, topk_head, say, role,
+                      final: Path | None = None) -> dict:
+    """Strict parity of the truncated model. `final`: the finished graph when it is float32 and
+    unquantized — if the cut keeps every layer and the whole vocabulary, that graph *is* the
+    truncated model's, and is checked instead of exporting the same thing twice."""
     from mtad_trt.backends.ort import OrtRunner
 
     layers, vocab = reference.truncation(config, getattr(config, "hidden_size", 0) or 0)
     cfg = reference.truncated_config(config, layers, vocab)
     view = reference.TruncatedSource(source, layers, vocab, config.vocab_size)
+    whole = final is not None and layers == config.num_hidden_layers and vocab == config.vocab_size
     say(f"{role}: truncated parity ({layers} of {config.num_hidden_layers} layers, vocab {vocab}) against transformers")
     try:
-        model = meta_model(cfg, "float32")
-        tspec = spec_from_model(model, "float32", spec.max_seq_len)
-        tspec.topk_head = min(topk_head, tspec.vocab_size)
-        build_graph(model, tspec, view, folder / "model.onnx", opset, attention, "none", 0, label=role)
-        del model
+        if whole:
+            tspec, graph = spec, final
+        else:
+            model = meta_model(cfg, "float32")
+            tspec = spec_from_model(model, "float32", spec.max_seq_len)
+            tspec.topk_head = min(topk_head, tspec.vocab_size)
+            graph = folder / "model.onnx"
+            build_graph(model, tspec, view, graph, opset, attention, "none", 0, label=role)
+            del model
         ref = reference.load_all(meta_model(cfg, "float32"), view)
         cases = reference_cases(ref, tspec)
         del ref
         gc.collect()
-        engine = OrtRunner(folder / "model.onnx", tspec, threads=2)
+        engine = OrtRunner(graph, tspec, threads=2)
         parity = check_parity(cases, engine)
         engine.close()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     parity["truncated"] = {"layers": layers, "of_layers": config.num_hidden_layers, "vocab": vocab,
-                           "of_vocab": config.vocab_size}
+                           "of_vocab": config.vocab_size, "checked_the_final_graph": whole}
     return parity
 
 
