@@ -334,7 +334,9 @@ def test_interrupt_mid_export_leaves_nothing(tmp_path, single, sig):
     out.parent.mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "mtad_trt.cli", "export", "--target", str(single), "--out", str(out),
                              "--max-seq-len", "128"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            # as from a terminal: a background job's shell hands its children SIGINT ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in proc.stdout:
         seen.append(line)
