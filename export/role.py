@@ -22,7 +22,6 @@ Stages, each timed with its own peak RSS in the manifest (`RoleEntry.export`):
 from __future__ import annotations
 
 import gc
-import math
 import shutil
 import time
 from pathlib import Path
@@ -100,12 +99,12 @@ def export_onnx(model, spec: ModelSpec, path: Path, opset: int = 18, attention: 
     return build_graph(model, spec, ModuleSource(model), Path(path), opset, attention, "none", 0)
 
 
-def _logprobs(logits: np.ndarray, ids: list[int]) -> np.ndarray:
-    """log p(ids[i+1] | ids[:i+1]) from full logits rows, in float64."""
-    x = np.asarray(logits[:-1], np.float64)
-    m = x.max(-1, keepdims=True)
-    lse = m[:, 0] + np.log(np.exp(x - m).sum(-1))
-    return x[np.arange(len(x)), ids[1:]] - lse
+def _perplexity(logits: np.ndarray, ids: list[int]) -> float:
+    """Token-weighted perplexity of ids[1:] given full logits rows (the project's one definition)."""
+    from mtad_trt.scoring import log_softmax, token_weighted_perplexity
+
+    lp = log_softmax(logits[:-1])
+    return token_weighted_perplexity([lp[np.arange(len(lp)), ids[1:]]])
 
 
 def export_role(src, config, source: TensorSource, folder: Path, role: str, dtype: str, max_seq_len: int,
@@ -371,8 +370,7 @@ def _compare(refs: dict, got: dict, ids: dict, dtype: str, quant: str, fakes: di
         out["to_float_reference_relative_error"] = max(reference.relative_error(got[n], refs[n]) for n in names)
     if "prose" in ids:
         p = ids["prose"]
-        pr = math.exp(-float(_logprobs(refs["prose"], p).mean()))
-        pe = math.exp(-float(_logprobs(got["prose"], p).mean()))
+        pr, pe = _perplexity(refs["prose"], p), _perplexity(got["prose"], p)
         out.update(ppl_reference=pr, ppl_engine=pe, ppl_ratio=pe / pr,
                    top1_agreement=float(np.mean(np.argmax(refs["prose"], -1) == np.argmax(got["prose"], -1))))
     return out

@@ -56,7 +56,7 @@ class Entry:
 
 def stored_bytes(e: Entry) -> int:
     """Bytes an entry takes in the data file (codes and scales for a quantized weight)."""
-    n = _itemsize(e.dtype) * int(np.prod(e.shape, dtype=np.int64))
+    n = int(e.dtype.itemsize) * int(np.prod(e.shape, dtype=np.int64))
     return n + (4 * e.shape[0] * e.shape[1] if e.quant is not None else 0)
 
 
@@ -164,11 +164,6 @@ def _cast(x: np.ndarray, dtype: ir.DataType) -> np.ndarray:
     raise MtadError(f"cannot store a weight as {dtype}")
 
 
-def _itemsize(dtype: ir.DataType) -> int:
-    return {ir.DataType.FLOAT: 4, ir.DataType.FLOAT16: 2, ir.DataType.BFLOAT16: 2, ir.DataType.UINT8: 1,
-            ir.DataType.INT64: 8, ir.DataType.BOOL: 1, ir.DataType.INT32: 4, ir.DataType.DOUBLE: 8}[dtype]
-
-
 def _external(value: ir.Value, location: str, base: Path, offset: int, nbytes: int, dtype, shape) -> None:
     value.const_value = ir.ExternalTensor(location, offset, nbytes, dtype, shape=ir.Shape(list(shape)),
                                           name=value.name, base_dir=str(base))
@@ -190,7 +185,7 @@ def write(graph_model: ir.Model, entries: list[Entry], source: TensorSource, pat
     done = 0
     try:
         for e in entries:
-            nbytes = _itemsize(e.dtype) * int(np.prod(e.shape, dtype=np.int64))
+            nbytes = int(e.dtype.itemsize) * int(np.prod(e.shape, dtype=np.int64))
             start = data.reserve(nbytes)
             if e.constant is not None:
                 data.put(start, _cast(e.constant.reshape(e.shape), e.dtype))
@@ -258,7 +253,7 @@ def _read_checked(source: TensorSource, name: str, info: TensorInfo, rows) -> np
 
 def _write_float(e: Entry, source: TensorSource, data: _DataFile, start: int, block_bytes: int) -> None:
     info = source.info(e.source)
-    size = _itemsize(e.dtype)
+    size = int(e.dtype.itemsize)
 
     def convert(rows):
         y = _cast(_read_checked(source, e.source, info, rows), e.dtype)
