@@ -304,14 +304,18 @@ def _export_in_subprocess(tmp_path: Path, layers: int) -> dict:
 @pytest.mark.slow
 def test_peak_memory_is_set_by_the_largest_tensor_not_the_depth(tmp_path):
     """The weights stage adds at most (threads + 1) x 4 x the largest float32 tensor (+ 64 MiB) to the
-    process, and the conversion's peak RSS moves < 10% when the depth doubles.
+    process, and doubling the depth moves the conversion's peak RSS by under a quarter of what the
+    added layers weigh in float32 (an exporter holding the model would add all of it).
 
     Shapes: 1024 wide, 4096-wide MLP, vocab 4096. Largest tensor: an MLP matrix, 4096 x 1024 = 16 MiB
     in float32; one layer is 58 MiB, the 8-layer model 0.5 GiB and the 16-layer one 1 GiB in float32,
     so an exporter holding the model would blow the budget (256 MiB on 2 cores) by 2-4x. Budget: up to
     threads + 1 blocks are alive (one per conversion thread, one being written), each as its stored
     bytes, its float32 copy, the transposed copy the quantization kernel reads and the codes (< 4 x).
-    Measured on 2 cores: 149 and 151 MiB added; conversion peak 692 -> 730 MiB (+5.5%).
+    Measured on 2 cores: 114-151 MiB added; conversion peak 683 -> 692 and 692 -> 730 MiB on a quiet
+    machine, 638 -> 716 MiB in a loaded CI run (the pipelined threads' timing decides how many blocks
+    are alive at the peak, so a ratio of peaks is noisier than the bound below). The graph stage grows
+    ~5 MiB per layer (the traced program), not by the layers' weights.
     """
     from mtad_trt.export.weights import workers
 
@@ -323,7 +327,8 @@ def test_peak_memory_is_set_by_the_largest_tensor_not_the_depth(tmp_path):
         added = stages["weights"]["peak_rss_mb"] - stages["weights"]["start_rss_mb"]
         assert added <= budget, (layers, stages)
         conversion[layers] = max(stages["graph"]["peak_rss_mb"], stages["weights"]["peak_rss_mb"])
-    assert conversion[16] <= 1.10 * conversion[8], conversion
+    added_layers_mb = 8 * (2 * 1024 * 1024 + 2 * 1024 * 256 + 3 * 4096 * 1024) * 4 / 2**20  # 8 x 58 MiB
+    assert conversion[16] - conversion[8] <= 0.25 * added_layers_mb, conversion
 
 
 @pytest.mark.slow

@@ -179,8 +179,10 @@ class Sampler:
     """Calls `source()` (watts per channel) at `hz` in a daemon thread; keeps (t, values) pairs.
 
     Each timestamp is the midpoint of the read, so slow reads (an I2C round trip) do not skew
-    the integral. A failed background read is counted and skipped; a failed synchronous read
-    (window edges) raises, because the window would otherwise be wrong without anyone knowing.
+    the integral. Reads are serialized: a synchronous read at a window edge never overlaps a
+    background one, so each midpoint belongs to exactly one read of the sensor. A failed
+    background read is counted and skipped; a failed synchronous read (window edges) raises,
+    because the window would otherwise be wrong without anyone knowing.
     """
 
     def __init__(self, source: Callable[[], Mapping[str, float]], hz: float, clock: Clock) -> None:
@@ -188,6 +190,7 @@ class Sampler:
         self.hz = hz
         self._clock = clock
         self._lock = threading.Lock()
+        self._read_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.samples: list[tuple[float, dict[str, float]]] = []
@@ -196,12 +199,13 @@ class Sampler:
 
     def sample(self) -> float:
         """Take one sample now and return its timestamp."""
-        ta = self._clock()
-        values = {k: float(v) for k, v in self._source().items()}
-        tb = self._clock()
-        t = (ta + tb) / 2.0
-        with self._lock:
-            self.samples.append((t, values))
+        with self._read_lock:
+            ta = self._clock()
+            values = {k: float(v) for k, v in self._source().items()}
+            tb = self._clock()
+            t = (ta + tb) / 2.0
+            with self._lock:
+                self.samples.append((t, values))
         return t
 
     def _run(self) -> None:
@@ -232,6 +236,11 @@ class Sampler:
         if self._thread is not None:
             self._thread.join(timeout=5.0)
             self._thread = None
+
+    def drop_after(self, t: float) -> None:
+        """Forget samples the thread took after the window's last edge (kept records = integral)."""
+        with self._lock:
+            self.samples = [s for s in self.samples if s[0] <= t]
 
     def snapshot(self) -> list[tuple[float, dict[str, float]]]:
         # Sorted: a background and a synchronous read can interleave and append out of order.
@@ -323,6 +332,7 @@ class PowerSamplingMeter(WindowMeter):
             raise MtadError(f"{self.name}: reading power failed at window end: {e}") from e
         if final:
             self._sampler.end()
+            self._sampler.drop_after(t_end)
         samples = [s for s in self._sampler.snapshot() if s[0] <= t_end]
         times = [s[0] for s in samples]
         totals = [self._total_of(s[1]) for s in samples]
