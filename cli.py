@@ -16,8 +16,8 @@ from pathlib import Path
 import click
 
 from mtad_trt import __version__
+from mtad_trt.engine.params import DECODERS, DEFAULTS
 from mtad_trt.errors import MtadError
-from mtad_trt.params import DECODERS, DEFAULTS
 
 BACKEND_CHOICE = click.Choice(["auto", "ort", "torch", "trt"])
 DEVICE_CHOICE = click.Choice(["auto", "cpu", "cuda"])
@@ -227,7 +227,8 @@ runtime_options = with_options([
     engines_option,
     click.option("--backend", type=BACKEND_CHOICE, default="auto", show_default=True),
     click.option("--device", type=DEVICE_CHOICE, default="auto", show_default=True),
-    click.option("--threads", default=1, show_default=True, help="Intra-op threads per model (CPU)."),
+    click.option("--threads", type=click.IntRange(min=1), default=None,
+                 help="Intra-op threads per model (CPU; default: this machine's physical cores)."),
 ])
 
 
@@ -277,7 +278,7 @@ def generate(engines, backend, device, threads, decoder, gamma, beam_width, thre
             out = pipe.generate(prompt, chat=chat, **settings)
             click.echo(json.dumps({**out.to_dict(), "backend": pipe.backend}))
             return
-        from mtad_trt.stats import Stats
+        from mtad_trt.engine.stats import Stats
 
         stats = Stats()
         for piece in pipe.stream(prompt, chat=chat, stats=stats, **settings):
@@ -298,11 +299,19 @@ def generate(engines, backend, device, threads, decoder, gamma, beam_width, thre
 @click.option("--port", default=8000, show_default=True)
 @click.option("--api-key", envvar="MTAD_TRT_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/* (or set MTAD_TRT_API_KEY).")
 @with_options(speculation_options("Default (requests may override): "))
-@click.option("--max-batch", default=1, show_default=True, help="Requests that run at once (batch rows of the KV caches).")
+@click.option("--max-batch", type=int, default=None,
+              help="Requests that run at once (batch rows of the KV caches; default: as many full-capacity "
+                   "rows as fit half the available memory, at most 16; the log says what it picked).")
 @click.option("--prefill-chunk", default=None, type=int,
               help="Prompt tokens per scheduler iteration (bounds how long newcomers stall running requests).")
 @click.option("--spec-policy", type=click.Choice(["auto", "fixed"]), default="auto", show_default=True,
               help="auto: pick γ/B per iteration from measured step costs for requests that did not set them.")
+@click.option("--throughput-first", is_flag=True,
+              help="Let the auto policy run MTAD/MMTAD requests as plain steps (γ = 0) when that is faster; "
+                   "by default it keeps their joint verification (γ >= 1), which their output quality needs.")
+@click.option("--prefix-cache-mb", type=click.FloatRange(min=0), default=None,
+              help="Host memory for cached prompt prefixes (both models; 0 = off; default: min(512, 1/8 of "
+                   "available memory)).")
 @click.option("--max-queue", default=64, show_default=True, help="Requests that may wait for a row; more get 429.")
 @click.option("--model-name", help="Model id clients send (default: the engine folder's name).")
 @click.option("--max-body-bytes", default=1 << 20, show_default=True, help="Larger request bodies get 413.")
@@ -318,7 +327,8 @@ def generate(engines, backend, device, threads, decoder, gamma, beam_width, thre
               help="With --replicas: seconds the replicas may take to become healthy before the deploy is abandoned.")
 @friendly
 def serve(engines, backend, device, threads, host, port, api_key, decoder, gamma, beam_width, threshold,
-          max_batch, prefill_chunk, spec_policy, max_queue, model_name, max_body_bytes, drain_timeout,
+          max_batch, prefill_chunk, spec_policy, throughput_first, prefix_cache_mb, max_queue, model_name,
+          max_body_bytes, drain_timeout,
           replicas, ray_address, gpus_per_replica, cpus_per_replica, deploy_timeout) -> None:
     """Serve an engine folder over an OpenAI-compatible HTTP API (see docs/serve.md)."""
     try:
@@ -326,32 +336,30 @@ def serve(engines, backend, device, threads, host, port, api_key, decoder, gamma
         from mtad_trt.serve import serve as run_server
     except ImportError as e:
         raise MtadError(f"serving needs the 'serve' extra: pip install 'mtad-trt[serve]' ({e})") from e
-    defaults = dict(decoder=decoder, gamma=gamma, beam_width=beam_width, threshold=threshold)
+    settings = ServerSettings(
+        engines=str(engines), backend=backend, device=device, threads=threads, max_batch=max_batch,
+        prefill_chunk=prefill_chunk, spec_policy=spec_policy, throughput_first=throughput_first,
+        prefix_cache_mb=prefix_cache_mb, model_name=model_name, api_key=api_key,
+        max_queue=max_queue, max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout,
+        defaults=dict(decoder=decoder, gamma=gamma, beam_width=beam_width, threshold=threshold))
     if replicas is None:
         for flag, value in (("--ray-address", ray_address), ("--gpus-per-replica", gpus_per_replica),
                             ("--cpus-per-replica", cpus_per_replica)):
             if value is not None:
                 raise click.UsageError(f"{flag} needs --replicas N")
-    else:
-        from mtad_trt.serve import ray_app
-
-        config = ray_app.ReplicaConfig(
-            engines=str(engines), backend=backend, device=device, threads=threads, max_batch=max_batch,
-            prefill_chunk=prefill_chunk, spec_policy=spec_policy, model_name=model_name, api_key=api_key,
-            max_queue=max_queue, max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout, defaults=defaults)
-        if gpus_per_replica is None:
-            gpus_per_replica = 1.0 if device == "cuda" or backend == "trt" else 0.0
-        options = ray_app.RayOptions(num_replicas=replicas, num_gpus=gpus_per_replica,
-                                     num_cpus=cpus_per_replica if cpus_per_replica is not None else float(threads),
-                                     max_queued_requests=max_queue)
-        ray_app.serve_replicas(config, options, host=host, port=port, ray_address=ray_address,
-                               deploy_timeout_s=deploy_timeout)
+        run_server(settings, host=host, port=port)
         return
-    settings = ServerSettings(model_name=model_name, api_key=api_key, max_queue=max_queue,
-                              max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout,
-                              defaults=defaults)
-    run_server(engines, settings, host=host, port=port, backend=backend, device=device, threads=threads,
-               max_batch=max_batch, prefill_chunk=prefill_chunk, spec_policy=spec_policy)
+    from mtad_trt.backends.host import default_threads
+    from mtad_trt.serve import ray_driver, ray_replica
+
+    if gpus_per_replica is None:
+        gpus_per_replica = 1.0 if device == "cuda" or backend == "trt" else 0.0
+    options = ray_replica.RayOptions(num_replicas=replicas, num_gpus=gpus_per_replica,
+                                     num_cpus=cpus_per_replica if cpus_per_replica is not None
+                                     else float(threads or default_threads()),
+                                     max_queued_requests=max_queue)
+    ray_driver.serve_replicas(settings, options, host=host, port=port, ray_address=ray_address,
+                              deploy_timeout_s=deploy_timeout)
 
 
 # -- tune -----------------------------------------------------------------------------------------
@@ -363,11 +371,12 @@ def serve(engines, backend, device, threads, host, port, api_key, decoder, gamma
 def tune(engines, backend, device, threads, max_batch, widths) -> None:
     """Measure step costs t(rows, T) per model for the speculation policy; stored in ENGINES/tuning.json."""
     from mtad_trt import Pipeline
-    from mtad_trt.policy import tune as run_tune
+    from mtad_trt.engine.policy import tune as run_tune
 
     ws = [int(w) for w in widths.split(",") if w.strip()]
-    with Pipeline.load(engines, backend=backend, device=device, threads=threads, max_batch=max_batch) as pipe:
-        entry = run_tune(engines, pipe.target, pipe.draft, max_batch, threads, ws)
+    with Pipeline.load(engines, backend=backend, device=device, threads=threads, max_batch=max_batch,
+                       prefix_cache_mb=0) as pipe:
+        entry = run_tune(engines, pipe.target, pipe.draft, max_batch, pipe.threads, ws)
     for role, pts in entry["points"].items():
         click.echo(f"{role}: " + ", ".join(f"{n} tok {1000 * t:.1f} ms" for n, t in sorted(pts.items())))
     click.echo(f"measured {len(entry['shapes'])} shapes per model in {entry['seconds']:.0f} s; wrote {engines}/tuning.json")

@@ -20,7 +20,7 @@ from mtad_trt.errors import MtadError
 from mtad_trt.export import sources
 from mtad_trt.export.role import export_role
 from mtad_trt.export.tensors import open_source
-from mtad_trt.manifest import Manifest
+from mtad_trt.folder.manifest import Manifest
 
 Progress = Callable[[str], None]
 DEFAULT_TOPK_HEAD = 64  # top-k head width: covers the paper's top-k 10 and beams up to 64 (0 = no head)
@@ -82,7 +82,7 @@ def export_pair(
     if draft is not None:
         srcs["draft"] = sources.resolve(draft)
     configs = {role: sources.load_config(src) for role, src in srcs.items()}
-    toks = {role: sources.load_tokenizer(src) for role, src in srcs.items()}
+    toks = {role: sources.load_hf_tokenizer(src) for role, src in srcs.items()}
     if draft is not None:
         why = sources.tokenizer_difference(toks["draft"], toks["target"])
         if why:

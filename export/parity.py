@@ -26,11 +26,11 @@ import copy
 import numpy as np
 import torch
 
+from mtad_trt.backends.kvcache import SMALLEST_BUCKET, bucket_sizes
+from mtad_trt.backends.rows import Row
+from mtad_trt.backends.runner import ModelRunner
 from mtad_trt.contract import ModelSpec
-from mtad_trt.contract.wrapper import _cache_keyword
-from mtad_trt.kvcache import SMALLEST_BUCKET, bucket_sizes
-from mtad_trt.rows import Row
-from mtad_trt.runner import ModelRunner
+from mtad_trt.contract.wrapper import cache_keyword
 
 TOLERANCE = {"float32": 1e-3, "float16": 5e-2, "bfloat16": 2e-1}
 DECODE_STEPS = 3  # single-token steps after each prefill
@@ -47,7 +47,7 @@ def long_layout(spec: ModelSpec, smallest_bucket: int = SMALLEST_BUCKET) -> dict
     """
     buckets = bucket_sizes(spec.max_seq_len, smallest_bucket)
     room = spec.max_seq_len - DECODE_STEPS - TREE_SLOTS
-    window = spec.sliding_window if spec.has_sliding_layers else None
+    window = spec.window
     want = max(24, (buckets[-2] + PAST_BUCKET) if len(buckets) > 1 else 0, (window or 0) + PAST_WINDOW)
     length = max(2, min(want, room))
     # first chunk inside the second-largest bucket; the second grows the cache to the largest
@@ -76,7 +76,7 @@ def _logits(model, ids: list[int], keep: list[int] | None = None, cache: bool = 
 def _continue(model, cache, path: list[int]) -> np.ndarray:
     """HF incremental decoding (a copy of its own cache) over `path`: the last position's logits."""
     with torch.no_grad():
-        kw = _cache_keyword(model)
+        kw = cache_keyword(model)
         out = model(torch.tensor([path], dtype=torch.int64), use_cache=True, **{kw: copy.deepcopy(cache)})
     return out.logits[0, -1].float().numpy()
 

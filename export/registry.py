@@ -38,7 +38,7 @@ from pathlib import Path
 
 from mtad_trt.errors import MtadError
 from mtad_trt.export.convert import complete_config, convert_gguf, is_complete, say, tmp_name
-from mtad_trt.manifest import sha256_file
+from mtad_trt.folder.manifest import sha256_file
 
 Progress = Callable[[str], None]
 """A progress callback receives one human-readable line per step (e.g. the CLI prints it)."""

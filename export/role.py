@@ -36,7 +36,7 @@ from mtad_trt.export.onnx_export import meta_model, rename_dims, trace
 from mtad_trt.export.parity import check_parity, failure_line, reference_cases
 from mtad_trt.export.progress import Eta, Say, size_text, stage
 from mtad_trt.export.tensors import TensorSource
-from mtad_trt.manifest import RoleEntry, sha256_file
+from mtad_trt.folder.manifest import RoleEntry, sha256_file
 
 FLOAT_TOLERANCE = 1e-3  # max |Δlogits| of a float32 engine against the streamed reference
 # Relative error (reference.relative_error) allowed; measured values are in docs/export.md. A wrongly
@@ -101,7 +101,7 @@ def export_onnx(model, spec: ModelSpec, path: Path, opset: int = 18, attention: 
 
 def _perplexity(logits: np.ndarray, ids: list[int]) -> float:
     """Token-weighted perplexity of ids[1:] given full logits rows (the project's one definition)."""
-    from mtad_trt.scoring import log_softmax, token_weighted_perplexity
+    from mtad_trt.engine.scoring import log_softmax, token_weighted_perplexity
 
     lp = log_softmax(logits[:-1])
     return token_weighted_perplexity([lp[np.arange(len(lp)), ids[1:]]])
@@ -290,7 +290,7 @@ def _check_prompts(tokenizer, spec: ModelSpec) -> dict[str, list[int]]:
 def _run_engine(path: Path, spec: ModelSpec, ids: dict[str, list[int]]) -> list[np.ndarray]:
     """Logits of every position of each prompt, from the graph at `path` run by the runtime's Row."""
     from mtad_trt.backends.ort import OrtRunner
-    from mtad_trt.rows import Row
+    from mtad_trt.backends.rows import Row
 
     engine = OrtRunner(path, spec, threads=2)
     try:

@@ -6,10 +6,10 @@ checked for a shared tokenizer *before* any model is loaded.
 
 from __future__ import annotations
 
-from mtad_trt.checkpoint import Checkpoint, load_config, load_model, load_tokenizer, open_path
 from mtad_trt.errors import MtadError
+from mtad_trt.folder.checkpoint import Checkpoint, load_config, load_hf_tokenizer, load_model, open_path
 
-__all__ = ["Checkpoint", "load_config", "load_model", "load_tokenizer", "resolve", "tokenizer_difference"]
+__all__ = ["Checkpoint", "load_config", "load_hf_tokenizer", "load_model", "resolve", "tokenizer_difference"]
 
 
 def resolve(spec: str) -> Checkpoint:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from mtad_trt.engine.params import DecodeParams, SamplingParams
 from mtad_trt.errors import MtadError
-from mtad_trt.params import DecodeParams, SamplingParams
 
 __all__ = ["DecodeParams", "MtadError", "Pipeline", "SamplingParams", "__version__"]
 

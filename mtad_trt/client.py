@@ -16,11 +16,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from mtad_trt.engine.request import Piece, Request, join_pieces
+from mtad_trt.engine.scheduler import Update
+from mtad_trt.engine.stats import Stats
 from mtad_trt.errors import Busy, MtadError, ShuttingDown
 from mtad_trt.pipeline import Encoder, ModelInfo, Pipeline
-from mtad_trt.request import Piece, Request
-from mtad_trt.scheduler import Update
-from mtad_trt.stats import Stats
 
 log = logging.getLogger("mtad_trt.client")
 
@@ -51,6 +51,10 @@ class Observer(Protocol):
         ...
 
     def iteration(self, rows: int, seconds: float) -> None: ...
+
+    def model_calls(self, calls: list[tuple[str, str, int, int, float]]) -> None:
+        """The iteration's model calls: (role, phase, rows, T, seconds) each (where the time went)."""
+        ...
 
 
 @dataclass(eq=False)
@@ -147,10 +151,7 @@ class RuntimeClient:
             self._stopping = True
             pending = list(self._incoming)
             self._incoming.clear()
-            sched = self.pipeline.scheduler
-            waiting = list(sched.waiting)
-            for req in waiting:
-                sched.waiting.remove(req)
+            waiting = self.pipeline.scheduler.drop_waiting()
             self._report_waiting()
             self._cond.notify_all()
         for handle in pending + [self._handles.pop(id(r)) for r in waiting if id(r) in self._handles]:
@@ -166,7 +167,7 @@ class RuntimeClient:
 
     # -- the runtime thread --------------------------------------------------------------------
     def _waiting(self) -> int:
-        return len(self._incoming) + len(self.pipeline.scheduler.waiting)
+        return len(self._incoming) + self.pipeline.scheduler.queued
 
     def _report_waiting(self) -> None:
         if self.observer:
@@ -180,30 +181,33 @@ class RuntimeClient:
                     self._cond.wait()
                 if self._stopping and not sched.busy and not self._incoming:
                     return
-                for handle in self._incoming:
-                    sched.add(handle.request)
+                incoming = [handle.request for handle in self._incoming]
                 self._incoming.clear()
             try:
-                for req in sched.admit():  # before the step, so the gauges are right while it runs
-                    self._report_started(req)
-                with self._cond:
-                    self._report_waiting()
-                updates = sched.step()
+                it = sched.iterate(incoming, admitted=self._admitted)
                 now = time.perf_counter()
-                for req in [*sched.running, *(u.request for u in updates)]:
+                for req in it.started:
                     self._report_started(req)
                 with self._cond:
                     self._report_waiting()
-                for update in updates:
+                for update in it.updates:
                     self._deliver(update, now)
                 if self.observer and sched.last.rows:
                     self.observer.iteration(sched.last.rows, sched.last.seconds)
+                    self.observer.model_calls(sched.last.calls or [])
             except BaseException as e:  # never let the thread die, nor a front end wait forever
                 log.exception("runtime thread failed")
                 for req in list(sched.running):
                     sched.abort(req)
                     req.error = e if isinstance(e, Exception) else RuntimeError(repr(e))
                     self._deliver(Update(req, None, True), time.perf_counter())
+
+    def _admitted(self, started: list[Request]) -> None:
+        """Before the step runs: the gauges show the newcomers as running while it does."""
+        for req in started:
+            self._report_started(req)
+        with self._cond:
+            self._report_waiting()
 
     def _report_started(self, req: Request) -> None:
         handle = self._handles.get(id(req))
@@ -233,7 +237,7 @@ class RuntimeClient:
             return
         self._handles.pop(id(req), None)
         if handle.held:
-            handle.sink.piece(Piece([t for p in handle.held for t in p.token_ids], "".join(p.text for p in handle.held)))
+            handle.sink.piece(join_pieces(handle.held))
         if obs:
             obs.finished(handle)
         if req.error is not None:

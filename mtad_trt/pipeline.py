@@ -20,17 +20,20 @@ from pathlib import Path
 
 import numpy as np
 
-from mtad_trt.backends import check_memory, choose_backend, load_runner
-from mtad_trt.errors import CapacityError, EngineFolderError, MtadError
-from mtad_trt.manifest import Manifest
-from mtad_trt.params import split_settings
-from mtad_trt.policy import make_policy
-from mtad_trt.request import Piece, Request
-from mtad_trt.rows import Row
-from mtad_trt.scheduler import Scheduler, Update
-from mtad_trt.scoring import token_logprobs
-from mtad_trt.stats import Stats
-from mtad_trt.tokenizer import Tokenizer
+from mtad_trt.backends import available_bytes, check_memory, choose_backend, default_max_batch, load_runner
+from mtad_trt.backends.host import default_threads
+from mtad_trt.backends.rows import Row
+from mtad_trt.engine.logprobs import TokenLogprob
+from mtad_trt.engine.params import split_settings
+from mtad_trt.engine.policy import make_policy
+from mtad_trt.engine.prefix_cache import PrefixCache
+from mtad_trt.engine.request import Piece, Request
+from mtad_trt.engine.scheduler import Scheduler, Update
+from mtad_trt.engine.scoring import token_logprobs
+from mtad_trt.engine.stats import Stats
+from mtad_trt.errors import CapacityError, MtadError
+from mtad_trt.folder.manifest import Manifest
+from mtad_trt.folder.tokenizer import Tokenizer
 
 DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per scheduler step (see docs/serve.md for what it costs)
 
@@ -43,6 +46,8 @@ class Output:
     stats: Stats
     finish_reason: str
     settings: dict = field(default_factory=dict)
+    logprobs: list[TokenLogprob] | None = None  # per token id, when `logprobs=k` was asked
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt id (first None), when asked
 
     def to_dict(self) -> dict:
         return {
@@ -64,6 +69,7 @@ class ModelInfo:
     vocab_size: int
     has_draft: bool
     max_batch: int = 1  # requests that run at once (batch rows)
+    prefix_cache_bytes: int = 0  # the prefix cache's pool (0: off)
 
 
 class Encoder:
@@ -101,15 +107,20 @@ class Pipeline:
 
     def __init__(self, folder: Path, manifest: Manifest, tokenizer, target, draft, backend: str,
                  max_batch: int = 1, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, spec_policy: str = "fixed",
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, prefix_cache: PrefixCache | None = None,
+                 keep_joint_verification: bool = True) -> None:
         self.folder, self.manifest, self.tokenizer = folder, manifest, tokenizer
         self.backend = backend
         self.target, self.draft = target, draft
         self.eos_ids = set(manifest.eos_token_ids)
         if tokenizer.eos_token_id is not None:
             self.eos_ids.add(int(tokenizer.eos_token_id))
+        policy = make_policy(spec_policy, target, draft, max_batch, folder, threads,
+                             keep_joint_verification=keep_joint_verification)
         self.scheduler = Scheduler(target, draft, tokenizer, self.eos_ids, max_batch, prefill_chunk,
-                                   policy=make_policy(spec_policy, target, draft, max_batch, folder, threads))
+                                   policy=policy, prefix_cache=prefix_cache)
+        self.threads = threads
+        self.choices: dict[str, str] = {}  # what Pipeline.load picked by rule, and why (front ends log it)
         self._encoder = Encoder(tokenizer)
         self._lock = threading.Lock()
 
@@ -120,27 +131,47 @@ class Pipeline:
         folder: str | Path,
         backend: str = "auto",
         device: str = "auto",
-        threads: int = 1,
+        threads: int | None = None,
         draft_threads: int | None = None,
         load_draft: bool = True,
-        max_batch: int = 1,
-        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        max_batch: int | None = 1,
+        prefill_chunk: int | None = None,
         spec_policy: str = "fixed",
+        prefix_cache_mb: float | None = None,
+        keep_joint_verification: bool = True,
     ) -> Pipeline:
+        """Load an engine folder. `None` picks by rule (recorded in `choices`): `threads` = the
+        physical cores (`backends.host`), `max_batch` = what fits memory (`backends.default_max_batch`),
+        `prefix_cache_mb` = min(512, 1/8 of available memory); 0 turns the prefix cache off.
+        `keep_joint_verification=False` lets the `auto` policy run MTAD/MMTAD requests as plain
+        steps (γ = 0) when that is faster (a throughput-first server)."""
         folder = Path(folder)
         manifest = Manifest.load(folder)
-        if max_batch < 1:
+        if max_batch is not None and max_batch < 1:
             raise MtadError(f"--max-batch must be >= 1, got {max_batch}")
         backend, device = choose_backend(manifest, backend, device)
         roles = ["target"] + (["draft"] if load_draft and "draft" in manifest.roles else [])
+        choices = {}
+        if threads is None:
+            threads = default_threads()
+            choices["threads"] = f"{threads} (the physical cores this process may use)"
+        if max_batch is None:
+            max_batch, choices["max_batch"] = default_max_batch(manifest, roles, device, folder)
         check_memory(manifest, roles, max_batch, device, folder)
-        tokenizer = load_tokenizer(folder / manifest.tokenizer)
+        prefix = _prefix_cache(prefix_cache_mb, device, choices)
+        tokenizer = Tokenizer(folder / manifest.tokenizer)
         target = load_runner(folder, manifest, "target", backend, device, threads, batch=max_batch)
         draft = None
         if "draft" in roles:
             draft = load_runner(folder, manifest, "draft", backend, device, draft_threads or threads, batch=max_batch)
-        return cls(folder, manifest, tokenizer, target, draft, f"{backend}-{device}", max_batch, prefill_chunk,
-                   spec_policy, threads)
+        pipe = cls(folder, manifest, tokenizer, target, draft, f"{backend}-{device}", max_batch,
+                   prefill_chunk or DEFAULT_PREFILL_CHUNK, spec_policy, threads, prefix, keep_joint_verification)
+        pipe.choices = choices
+        return pipe
+
+    @property
+    def prefix_cache(self) -> PrefixCache | None:
+        return self.scheduler.prefix_cache
 
     def close(self) -> None:
         self.target.close()
@@ -172,6 +203,7 @@ class Pipeline:
             vocab_size=min(e.spec.vocab_size for e in self.manifest.roles.values()),
             has_draft=self.draft is not None,
             max_batch=self.max_batch,
+            prefix_cache_bytes=self.prefix_cache.capacity_bytes if self.prefix_cache is not None else 0,
         )
 
     def encoder(self) -> Encoder:
@@ -204,9 +236,10 @@ class Pipeline:
         if bad is not None:
             raise MtadError(f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})", param="prompt")
         sp, dp = split_settings(settings)
-        if dp.speculative and self.draft is None:
+        scoring_only = settings.get("max_new_tokens") == 0  # the prompt's log-probs alone: target only
+        if dp.speculative and self.draft is None and not scoring_only:
             raise MtadError(f"decoder '{dp.decoder}' needs a draft model; this engine folder has none", param="decoder")
-        scratch = dp.scratch_slots
+        scratch = 0 if scoring_only else dp.scratch_slots
         room = self.capacity - len(prompt_ids) - scratch
         if "max_new_tokens" not in settings:
             sp.max_new_tokens = max(1, room if default_max_new_tokens is None else min(default_max_new_tokens, room))
@@ -223,10 +256,10 @@ class Pipeline:
         Closing the iterator cancels whatever has not finished."""
         with self._lock:
             try:
-                for req in requests:
-                    self.scheduler.add(req)
+                incoming = list(requests)
                 while not all(r.finished for r in requests):
-                    yield from self.scheduler.step()
+                    yield from self.scheduler.iterate(incoming).updates
+                    incoming = []
             finally:
                 for req in requests:
                     self.scheduler.abort(req)
@@ -278,7 +311,8 @@ class Pipeline:
         if text is None:
             text = req.detok.text if req.detok is not None else ""
         return Output(text, list(req.output_ids), list(req.prompt_ids), req.stats, req.stats.finish_reason,
-                      req.settings)
+                      req.settings, list(req.output_logprobs) if req.sampling.logprobs is not None else None,
+                      req.prompt_logprobs)
 
     # -- scoring -------------------------------------------------------------------------------
     def score(self, prompt_ids: list[int], continuation: list[int], cut_at_eos: bool = True) -> np.ndarray:
@@ -298,8 +332,22 @@ class Pipeline:
             return token_logprobs(Row(self.target), prompt_ids, continuation)
 
 
-def load_tokenizer(path: Path) -> Tokenizer:
-    """The engine's tokenizer (`tokenizers` + the chat template; no transformers, no torch)."""
-    if not path.is_dir():
-        raise EngineFolderError(f"engine folder has no tokenizer at {path}: re-export the engine")
-    return Tokenizer(path)
+PREFIX_CACHE_DEFAULT_MB = 512
+
+
+def _prefix_cache(size_mb: float | None, device: str, choices: dict[str, str]) -> PrefixCache | None:
+    """The prefix cache's pool (host memory, whatever the device): the size asked, or by rule."""
+    have = available_bytes("cpu")
+    if size_mb is None:
+        size = PREFIX_CACHE_DEFAULT_MB * 2**20 if have is None else min(PREFIX_CACHE_DEFAULT_MB * 2**20, have // 8)
+        choices["prefix_cache_mb"] = f"{size / 2**20:.0f} (MiB: min({PREFIX_CACHE_DEFAULT_MB}, 1/8 of available memory))"
+        return PrefixCache(size)
+    if size_mb < 0:
+        raise MtadError(f"--prefix-cache-mb must be >= 0, got {size_mb:g}")
+    if size_mb == 0:
+        return None
+    size = int(size_mb * 2**20)
+    if have is not None and size > have:
+        raise CapacityError(f"a prefix cache of {size_mb:g} MiB does not fit: {have / 2**20:.0f} MiB of host memory "
+                            "is available (lower --prefix-cache-mb, or 0 to turn it off)")
+    return PrefixCache(size)

@@ -68,9 +68,9 @@ def main() -> None:
     from pathlib import Path
 
     from mtad_trt.bench import prompts as prompt_sets
-    from mtad_trt.pipeline import load_tokenizer
+    from mtad_trt.folder.tokenizer import Tokenizer
 
-    tok = load_tokenizer(Path(args.engines[0]) / "tokenizer")
+    tok = Tokenizer(Path(args.engines[0]) / "tokenizer")
     items = prompt_sets.load("humaneval", args.n)
     ids = [tok.encode(p.text) for p in items]
     rows = []

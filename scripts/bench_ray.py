@@ -167,7 +167,8 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from mtad_trt.serve import ray_app
+    from mtad_trt.serve import ray_driver, ray_replica
+    from mtad_trt.serve.settings import ServerSettings
 
     engines = args.engines or tiny_engine(Path(tempfile.mkdtemp(prefix="bench-ray-")))
     record: dict = {"engines": str(engines), "max_batch": args.max_batch, "max_tokens": args.max_tokens,
@@ -192,19 +193,19 @@ def main() -> None:
             serve.start(http_options={"host": "127.0.0.1", "port": ray_port})
             time.sleep(5)
             record["memory_idle_cluster_with_serve"] = ray_memory(os.getpid())
-            config = ray_app.ReplicaConfig(engines=str(engines), backend="ort", model_name="tiny-pair",
+            config = ServerSettings(engines=str(engines), backend="ort", model_name="tiny-pair",
                                            max_batch=args.max_batch)
             for n in (1, 2):
-                opts = ray_app.RayOptions(num_replicas=n, num_cpus=args.cpus_per_replica)
+                opts = ray_replica.RayOptions(num_replicas=n, num_cpus=args.cpus_per_replica)
                 t0 = time.perf_counter()
-                ray_app.deploy(ray_app.deployment(config, opts), timeout_s=300)
+                ray_driver.deploy(ray_replica.deployment(config, opts), timeout_s=300)
                 record[f"deploy_s_{n}_replicas"] = round(time.perf_counter() - t0, 1)
                 wait_healthy(ray_url)
                 if n == 2:
                     time.sleep(5)
                     record["memory_idle_cluster_2_replicas"] = ray_memory(os.getpid())
                 record[f"ray_{n}"] = bench(ray_url, args, f"Ray Serve, {n} replica(s)")
-            ray_app.deploy(ray_app.deployment(config, ray_app.RayOptions(num_replicas=1,
+            ray_driver.deploy(ray_replica.deployment(config, ray_replica.RayOptions(num_replicas=1,
                                                                          num_cpus=args.cpus_per_replica)), timeout_s=300)
             server = subprocess.Popen([sys.executable, "-m", "mtad_trt.cli", "serve", "--engines", str(engines),
                                        "--backend", "ort", "--port", str(single_port), "--max-batch",
@@ -212,7 +213,7 @@ def main() -> None:
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             wait_healthy(single_url, proc=server)
             wait_for_one = time.monotonic() + 60
-            while ray_app.running_replicas() != 1 and time.monotonic() < wait_for_one:
+            while ray_driver.running_replicas() != 1 and time.monotonic() < wait_for_one:
                 time.sleep(0.5)
             record["overhead"] = overhead(single_url, ray_url, args.overhead_n, json.loads(args.extra))
             print("== overhead", record["overhead"], flush=True)

@@ -15,6 +15,14 @@ one whose text is still held back (an incomplete UTF-8 character, a possible sto
 the client sees every round's arrival time and token count. Usage comes from the final usage
 chunk (`stream_options.include_usage`).
 
+Where the time went (from the server's /metrics, as deltas over each level): model-call seconds
+per model and phase (prefill, draft, target) with their calls, rows and rows x T, iteration time
+outside model calls ("host"), and prefix-cache queries / hits in tokens.
+
+`--long-prompt-tokens L`: one more request, with a prompt of about L tokens, starts one second
+into the level; the row reports the other streams' inter-token latency p99 while its prefill
+runs (between its start and its first token) beside their p99 outside that window.
+
 Loopback only unless --allow-remote: this is a load generator.
 """
 
@@ -54,6 +62,8 @@ class Result:
     e2e_s: float = 0.0
     tokens: int = 0
     gaps_s: list[float] = field(default_factory=list)  # between successive token-carrying chunks
+    chunk_at: list[float] = field(default_factory=list)  # perf_counter() of every token-carrying chunk
+    started_at: float = 0.0
     mtad: dict = field(default_factory=dict)  # the request's stats (what γ/B the runtime used)
 
     @property
@@ -69,7 +79,7 @@ class Result:
 
 async def one_request(client: httpx.AsyncClient, path: str, body: dict) -> Result:
     res = Result()
-    t0 = time.perf_counter()
+    t0 = res.started_at = time.perf_counter()
     last = None
     try:
         async with client.stream("POST", path, json=body) as r:
@@ -93,6 +103,7 @@ async def one_request(client: httpx.AsyncClient, path: str, body: dict) -> Resul
                     res.mtad = obj["mtad"]
                 if obj.get("choices") and obj["choices"][0].get("token_ids"):
                     now = time.perf_counter()
+                    res.chunk_at.append(now)
                     if last is None:
                         res.ttft_s = now - t0
                     else:
@@ -138,6 +149,56 @@ def summarize(concurrency: int, results: list[Result], wall_s: float) -> dict:
     }
 
 
+async def scrape(client: httpx.AsyncClient) -> dict[str, float]:
+    """The counters of where time goes (see the module docstring), keyed by sample line."""
+    keep = ("mtad_trt:model_call", "mtad_trt:iteration_host_seconds_total", "mtad_trt:iteration_time_seconds_sum",
+            "mtad_trt:prefix_cache_")
+    try:
+        text = (await client.get("/metrics")).text
+    except httpx.HTTPError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(keep):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def breakdown(before: dict[str, float], after: dict[str, float]) -> dict:
+    """Deltas of the scraped counters: per (role, phase) seconds, calls, mean rows, mean rows x T."""
+    delta = {k: after[k] - before.get(k, 0.0) for k in after}
+    names = {"mtad_trt:model_call_seconds_total": "seconds", "mtad_trt:model_calls_total": "calls",
+             "mtad_trt:model_call_rows_total": "rows", "mtad_trt:model_call_tokens_total": "tokens"}
+    calls: dict[str, dict] = {}
+    for key, v in delta.items():
+        name = key.split("{", 1)[0]
+        if name not in names:
+            continue
+        labels = dict(part.split("=", 1) for part in key[key.index("{") + 1 : -1].replace('"', "").split(","))
+        calls.setdefault(f"{labels['role']}/{labels['phase']}", {})[names[name]] = v
+    for c in calls.values():
+        n = c.get("calls", 0.0)
+        c["mean_rows"] = c.get("rows", 0.0) / n if n else 0.0
+        c["mean_tokens"] = c.get("tokens", 0.0) / n if n else 0.0
+    pick = lambda prefix: next((v for k, v in delta.items() if k.startswith(prefix)), 0.0)  # noqa: E731
+    return {"calls": calls, "iteration_s": pick("mtad_trt:iteration_time_seconds_sum"),
+            "host_s": pick("mtad_trt:iteration_host_seconds_total"),
+            "prefix_cache_queries": pick("mtad_trt:prefix_cache_queries_total"),
+            "prefix_cache_hits": pick("mtad_trt:prefix_cache_hits_total")}
+
+
+def during(results: list[Result], start: float, end: float) -> dict:
+    """Other streams' ITL p99 inside [start, end] (a long prefill) and outside it."""
+    inside, outside = [], []
+    for r in results:
+        for a, b in zip(r.chunk_at, r.chunk_at[1:], strict=False):
+            (inside if a < end and b > start else outside).append(b - a)
+    p = lambda xs: _p(xs, 99) * 1e3 if xs else None  # noqa: E731
+    return {"itl_p99_during_long_prefill_ms": p(inside), "itl_p99_otherwise_ms": p(outside),
+            "gaps_during_long_prefill": len(inside)}
+
+
 async def run_level(args, concurrency: int, prompts: list[str], body_extra: dict, model: str) -> dict:
     path = "/v1/chat/completions" if args.chat else "/v1/completions"
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
@@ -164,10 +225,29 @@ async def run_level(args, concurrency: int, prompts: list[str], body_extra: dict
         async def user(u: int) -> list[Result]:
             return [await one_request(client, path, body(u * args.requests + j)) for j in range(args.requests)]
 
+        async def long_one() -> Result:
+            await asyncio.sleep(1.0)
+            b = body(0)
+            text = " ".join(["word"] * args.long_prompt_tokens)
+            b.update({"messages": [{"role": "user", "content": text}]} if args.chat else {"prompt": text})
+            return await one_request(client, path, {**b, "max_tokens": 4})
+
+        before = await scrape(client)
         t0 = time.perf_counter()
-        per_user = await asyncio.gather(*(user(u) for u in range(concurrency)))
+        jobs = [user(u) for u in range(concurrency)]
+        if args.long_prompt_tokens:
+            *per_user, long_res = await asyncio.gather(*jobs, long_one())
+        else:
+            per_user, long_res = await asyncio.gather(*jobs), None
         wall = time.perf_counter() - t0
-    return summarize(concurrency, [r for rs in per_user for r in rs], wall)
+        after = await scrape(client)
+    results = [r for rs in per_user for r in rs]
+    row = summarize(concurrency, results, wall)
+    row["where_time_went"] = breakdown(before, after)
+    if long_res is not None and long_res.ttft_s is not None:
+        row["long_prompt"] = {"tokens_asked": args.long_prompt_tokens, "ttft_ms": long_res.ttft_s * 1e3,
+                              **during(results, long_res.started_at, long_res.started_at + long_res.ttft_s)}
+    return row
 
 
 def print_table(rows: list[dict]) -> None:
@@ -213,6 +293,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--api-key", help="Bearer key, when the server was started with --api-key.")
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--json", type=Path, help="Also write the JSON here.")
+    ap.add_argument("--long-prompt-tokens", type=int, default=0,
+                    help="Also send one request with a prompt of about this many tokens, 1 s into each level.")
     ap.add_argument("--allow-remote", action="store_true")
     args = ap.parse_args(argv)
     if not args.allow_remote:

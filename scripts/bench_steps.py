@@ -29,8 +29,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from mtad_trt.backends.ort import OrtRunner
-    from mtad_trt.manifest import Manifest
-    from mtad_trt.rows import Row
+    from mtad_trt.backends.rows import Row
+    from mtad_trt.folder.manifest import Manifest
 
     m = Manifest.load(args.engines)
     entry = m.role(args.role)

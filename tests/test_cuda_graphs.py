@@ -15,10 +15,10 @@ from test_torch_backend import assert_same_logits, build_tiny_engine, drive
 
 import mtad_trt.backends.device as device
 import mtad_trt.backends.torch_backend as torch_backend
+from mtad_trt.backends.cuda_graphs import GraphRunner, StaticInputs, flat_tensors
+from mtad_trt.backends.rows import Row
+from mtad_trt.backends.runner import StepInputs
 from mtad_trt.backends.torch_backend import TorchRunner
-from mtad_trt.cuda_graphs import GraphRunner, StaticInputs, flat_tensors
-from mtad_trt.rows import Row
-from mtad_trt.runner import StepInputs
 
 
 class FakeGraph:

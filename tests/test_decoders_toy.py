@@ -1,4 +1,4 @@
-"""Decoder properties from spec/mtad.md §4 on bigram toy engines (fast, many samples)."""
+"""Decoder properties from docs/algorithm.md §4 on bigram toy engines (fast, many samples)."""
 
 from __future__ import annotations
 
@@ -8,18 +8,18 @@ import math
 import numpy as np
 import pytest
 
-import mtad_trt.decoders.draft as draft_mod
-import mtad_trt.decoders.sps as sps_mod
-from mtad_trt.batch import Batcher
-from mtad_trt.decoders import DecodeState
-from mtad_trt.decoders.draft import draft_tree
-from mtad_trt.decoders.mtad import accept_chain, accept_tree
-from mtad_trt.params import DecodeParams, SamplingParams
-from mtad_trt.request import Request
-from mtad_trt.rows import Row
-from mtad_trt.sampling import Dist, process
-from mtad_trt.scheduler import Scheduler
-from mtad_trt.stats import Stats
+import mtad_trt.engine.decoders.draft as draft_mod
+import mtad_trt.engine.decoders.sps as sps_mod
+from mtad_trt.backends.rows import Row
+from mtad_trt.engine.batch import Batcher
+from mtad_trt.engine.decoders import DecodeState
+from mtad_trt.engine.decoders.draft import draft_tree
+from mtad_trt.engine.decoders.mtad import accept_chain, accept_tree
+from mtad_trt.engine.params import DecodeParams, SamplingParams
+from mtad_trt.engine.request import Request
+from mtad_trt.engine.sampling import Dist, process
+from mtad_trt.engine.scheduler import Scheduler
+from mtad_trt.engine.stats import Stats
 from toy import BigramRunner, ToyTokenizer, chi2_pvalue, first_round, random_tables, run_toy, warp
 
 V = 6
@@ -199,7 +199,7 @@ def draft_only(dtab, prompt, width, gamma, sp, rng, keep_q=False):
 
 
 def reference_iteration(q_tab, p_tab, last, B, gamma, tau, u):
-    """spec/mtad.md §2 written out plainly (independent of the package): one MTAD iteration.
+    """docs/algorithm.md §2 written out plainly (independent of the package): one MTAD iteration.
 
     `u` supplies the uniforms in the order the spec consumes them: B per depth, then 1 for y.
     """
@@ -443,7 +443,7 @@ def test_mmtad_round_law_rejects_mutant(monkeypatch, mutant):
 
 
 def reference_mmtad_round(q, p, last, width, gamma, tau, u, reference="ancestor"):
-    """spec/mtad.md §2.1 + §3.4 written out plainly with dense [V] laws: one MMTAD round.
+    """docs/algorithm.md §2.1 + §3.4 written out plainly with dense [V] laws: one MMTAD round.
 
     q, p: [V, V] warped bigram laws. `u` supplies the uniforms in the order the spec consumes
     them: B at depth 1, B per deeper depth (pairs over the flattened [B, V] joint), 1 for y.

@@ -12,12 +12,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from mtad_trt.backends.ort import OrtRunner
+from mtad_trt.backends.rows import Row
 from mtad_trt.errors import MtadError
 from mtad_trt.export import role as role_mod
 from mtad_trt.export.pair import export_pair
 from mtad_trt.export.parity import check_parity, reference_cases
-from mtad_trt.manifest import Manifest
-from mtad_trt.rows import Row
+from mtad_trt.folder.manifest import Manifest
 
 
 def test_engine_folder_contract(pair_engine):
@@ -137,7 +137,7 @@ def test_long_case_layout_past_window_and_in_largest_bucket():
 def test_parity_catches_a_window_the_short_cases_never_reach(monkeypatch):
     """Negative control: a runtime that ignores the sliding window passes every short case (16
     tokens fit in the window) and fails the long one, with one line saying where."""
-    from mtad_trt import rows
+    from mtad_trt.backends import rows
     from mtad_trt.backends.torch_backend import TorchRunner
     from mtad_trt.export.parity import failure_line
 

@@ -17,12 +17,12 @@ from synthetic import value, write_checkpoint
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from mtad_trt.backends.ort import OrtRunner
+from mtad_trt.backends.rows import Row
 from mtad_trt.errors import MtadError
 from mtad_trt.export import weights
 from mtad_trt.export.pair import export_pair
 from mtad_trt.export.tensors import SafetensorsSource, to_bf16_bits
-from mtad_trt.manifest import Manifest
-from mtad_trt.rows import Row
+from mtad_trt.folder.manifest import Manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 

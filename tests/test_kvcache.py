@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from mtad_trt.backends.kvcache import HostKVCache, TorchKVCache, bucket_sizes
 from mtad_trt.contract import ModelSpec
 from mtad_trt.errors import CapacityError
-from mtad_trt.kvcache import HostKVCache, TorchKVCache, bucket_sizes
 
 KINDS = ["host", "torch"]
 
@@ -89,3 +89,23 @@ def test_reset_shrinks_without_zeroing(kind):
         assert tuple(v.shape) == (2, 2, 8, 3)
         # the bucket-8 view is the flat prefix: the first 8 slots of row (0, head 0), then the next 8 ...
         np.testing.assert_array_equal(as_np(v).ravel(), r.ravel()[: 2 * 2 * 8 * 3])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_shrink_keeps_the_slots_that_still_fit_and_read_write_round_trip(kind):
+    spec = ModelSpec(2, 3, 4, 10, "float32", 1000, "x")
+    c = make(kind, spec, batch=2)
+    c.reserve(600)  # a long prompt grew the bucket to 1000
+    ref = fill(c, np.random.default_rng(1))
+    ptrs = [as_np(v).ctypes.data for v in c.views]
+    assert c.shrink(300) == 512 and c.size == 512
+    for v, r, p in zip(c.views, ref, ptrs, strict=True):
+        a = as_np(v)
+        assert a.shape == (2, 3, 512, 4) and a.ctypes.data == p
+        np.testing.assert_array_equal(a, r[:, :, :512])  # every row's first 512 slots, in place
+    assert c.shrink(900) == 512  # never grows
+    block = c.read(1, 10, 16)
+    assert tuple(block.shape) == (4, 3, 16, 4)
+    np.testing.assert_array_equal(as_np(block[0]), ref[0][1, :, 10:26])
+    c.write(0, 100, block)
+    np.testing.assert_array_equal(as_np(c.views[3])[0, :, 100:116], ref[3][1, :, 10:26])

@@ -209,7 +209,7 @@ CHATS = [
 def _both(folder: Path):
     from transformers import AutoTokenizer
 
-    from mtad_trt.tokenizer import Tokenizer
+    from mtad_trt.folder.tokenizer import Tokenizer
 
     return AutoTokenizer.from_pretrained(str(folder)), Tokenizer(folder)
 

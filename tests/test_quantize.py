@@ -9,9 +9,9 @@ from onnx import numpy_helper
 
 from mtad_trt import Pipeline
 from mtad_trt.backends.ort import OrtRunner
+from mtad_trt.backends.rows import Row
 from mtad_trt.export.pair import export_pair
-from mtad_trt.manifest import Manifest
-from mtad_trt.rows import Row
+from mtad_trt.folder.manifest import Manifest
 
 
 @pytest.fixture(scope="module")

@@ -47,7 +47,7 @@ def smol_pipeline(smol_engine):
 
 
 def test_parity(smol_engine):
-    from mtad_trt.manifest import Manifest
+    from mtad_trt.folder.manifest import Manifest
 
     for entry in Manifest.load(smol_engine).roles.values():
         assert entry.parity["passed"] and entry.parity["worst"] <= 1e-3, entry.parity
@@ -117,7 +117,7 @@ def gemma_engine(tmp_path_factory):
 
 @heavy
 def test_gemma3_parity_past_the_window(gemma_engine):
-    from mtad_trt.manifest import Manifest
+    from mtad_trt.folder.manifest import Manifest
 
     entry = Manifest.load(gemma_engine).roles["target"]
     assert entry.spec.sliding_window == 512 and entry.spec.layer_types.count("full_attention") == 3

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mtad_trt.params import SamplingParams
-from mtad_trt.sampling import process, sample_many
+from mtad_trt.engine.params import SamplingParams
+from mtad_trt.engine.sampling import process, sample_many
 
 
 def reference_process(logits, t, k, p):

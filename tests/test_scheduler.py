@@ -1,4 +1,4 @@
-"""Continuous batching: requests that share a batch give what they give alone (mtad_trt.scheduler).
+"""Continuous batching: requests that share a batch give what they give alone (mtad_trt.engine.scheduler).
 
 The references are the same requests run one at a time (row 0, nothing beside them) and, on toy
 runners, the spec's properties per row. Tiny engines scale their LM head, so greedy choices are
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from mtad_trt import Pipeline
-from mtad_trt.params import DecodeParams, SamplingParams
-from mtad_trt.request import Request
-from mtad_trt.scheduler import Scheduler
+from mtad_trt.engine.params import DecodeParams, SamplingParams
+from mtad_trt.engine.request import Request
+from mtad_trt.engine.scheduler import Scheduler
 from toy import BigramRunner, ToyTokenizer, random_tables
 
 PROMPTS = ["def fib(n):", "The quick brown fox jumps over the lazy dog. " * 3, "import numpy as np\n", "x",
@@ -102,13 +102,46 @@ def test_released_and_padding_rows_never_leak(batched):
             poisoned = True
     assert poisoned and reqs[1].row == 1
     assert [reqs[0].output_ids, reqs[2].output_ids] == [refs[0].token_ids, refs[2].token_ids]
-    # a newcomer in the poisoned (finite) row is unaffected too: stale slots are masked
-    late = batched.generate(PROMPTS[0], decoder="mmtad", max_new_tokens=40, **common)
-    assert late.token_ids == refs[0].token_ids
+    # a newcomer in the poisoned (finite) row is unaffected too: stale slots are masked. Row 0 is
+    # taken by a request that starts with it, so the newcomer gets row 1, poisoned again first.
+    for runner in (batched.target, batched.draft):
+        for view in runner.cache.views:
+            view[1] = 1e4
+    occupant, late = (batched.prepare(batched.encode(p), decoder="mmtad", max_new_tokens=40, **common)
+                      for p in (PROMPTS[2], PROMPTS[0]))
+    for _ in batched.run([occupant, late]):
+        pass
+    assert (occupant.row, late.row) == (0, 1)
+    assert late.output_ids == refs[0].token_ids and occupant.output_ids == refs[2].token_ids
     assert sched.free == list(range(8))
     for runner in (batched.target, batched.draft):  # leave the module's pipeline clean
         for view in runner.cache.views:
             view[...] = 0
+
+
+def test_prompts_many_chunks_long_mixed_with_short_ones_equal_alone(pair_engine):
+    """Prompts 3-8x the prefill chunk beside short ones (and arriving while they decode): every
+    output equals the request alone; once the long ones leave, the short ones' steps run on a
+    smaller bucket again (the cache shrinks at a boundary, not only when the server is idle)."""
+    rng = np.random.default_rng(5)
+    chunk = 24
+    longs = [[int(t) for t in rng.integers(3, 300, n)] for n in (3 * chunk, 5 * chunk + 7, 8 * chunk - 2)]
+    shorts = [[int(t) for t in rng.integers(3, 300, n)] for n in (5, 12, 30)]
+    prompts = [shorts[0], longs[0], shorts[1], longs[1], longs[2], shorts[2]]
+    per = [dict(decoder="mtad", gamma=3, beam_width=2, max_new_tokens=50), dict(decoder="ar", max_new_tokens=6),
+           dict(decoder="sps", gamma=3, max_new_tokens=50), dict(decoder="mmtad", gamma=2, beam_width=2, max_new_tokens=5),
+           dict(decoder="mtad", gamma=2, beam_width=3, max_new_tokens=4), dict(decoder="ar", max_new_tokens=50)]
+    common = dict(temperature=0, ignore_eos=True)
+    with Pipeline.load(pair_engine, backend="ort", max_batch=6, prefill_chunk=chunk, prefix_cache_mb=0) as pipe:
+        refs = [pipe.generate(p, **common, **s) for p, s in zip(prompts, per, strict=True)]
+        reqs = [pipe.prepare(p, **common, **s) for p, s in zip(prompts, per, strict=True)]
+        buckets = []
+        for _ in pipe.run(reqs):
+            if all(reqs[i].finished for i in (1, 3, 4)) and not reqs[0].finished:
+                buckets.append(pipe.target.bucket)
+        assert [r.output_ids for r in reqs] == [r.token_ids for r in refs]
+        assert max(r.stats.prefill_calls for r in reqs) >= 8  # the longest prompt took 8 chunks per model
+        assert buckets and buckets[-1] == 128  # grew to 256 for the long prompts, back to 128 after
 
 
 def test_more_requests_than_rows_queue_fifo(pair_engine):
@@ -175,10 +208,10 @@ def test_kv_cache_that_cannot_fit_is_refused_at_load(pair_engine, monkeypatch):
 
 
 # -- the speculation policy ---------------------------------------------------------------------------
-def _policy(costs: dict, accepted: int = 4):
-    from mtad_trt.policy import CostModel, SpeculationPolicy
+def _policy(costs: dict, accepted: int = 4, **kwargs):
+    from mtad_trt.engine.policy import CostModel, SpeculationPolicy
 
-    pol = SpeculationPolicy(CostModel(costs), warmup_rounds=0, learn_costs=False)
+    pol = SpeculationPolicy(CostModel(costs), warmup_rounds=0, learn_costs=False, **kwargs)
     for d in ("sps", "mtad", "mmtad"):
         for b in (1, 2, 3, 4):
             for _ in range(20):  # as if earlier rounds had accepted `accepted` of 4 drafted tokens
@@ -227,6 +260,27 @@ def test_policy_moves_only_what_the_request_left_unset():
     assert req.stats.plain_steps == 0 and req.stats.gamma == 4 and req.state.beam_width == 1
 
 
+@pytest.mark.parametrize("decoder", ["mtad", "mmtad"])
+def test_policy_keeps_joint_verification_unless_throughput_first(decoder):
+    """MTAD/MMTAD are lossy on purpose (their output quality is the point): where verifying is so
+    expensive that SpS drops to plain steps, they still verify jointly (γ >= 1) every iteration;
+    only a throughput-first policy turns them into plain decoding."""
+    req = _run_policy(_policy(EXPENSIVE_VERIFY), decoder)
+    assert req.stats.plain_steps == 0 and req.stats.iterations > 0
+    assert req.stats.draft_positions >= req.stats.iterations  # γ >= 1 in every round
+    fast = _run_policy(_policy(EXPENSIVE_VERIFY, keep_joint_verification=False), decoder)
+    assert fast.stats.plain_steps > 0
+
+
+def test_policy_memory_stays_bounded():
+    """Per-request bookkeeping leaves with the request; the history keeps the recent iterations."""
+    pol = _policy(FREE_VERIFY, history_limit=50)
+    for seed in range(5):
+        req = _run_policy(pol, "sps", seed=seed)
+        assert set(pol._seen) <= {req.id}  # noqa: SLF001 - at most the rows of the last iteration
+    assert len(pol.history) == 50
+
+
 def test_policy_is_greedy_exact():
     """P1 whatever the policy picks per iteration: greedy output equals greedy ar."""
     dtab, ttab = random_tables(6, seed=11)
@@ -252,7 +306,7 @@ def test_policy_is_greedy_exact():
 
 
 def test_cost_model_interpolates_and_learns():
-    from mtad_trt.policy import CostModel
+    from mtad_trt.engine.policy import CostModel
 
     m = CostModel({"target": {1: 1.0, 5: 2.0, 17: 5.0}}, decay=0.5)
     assert m.cost("target", 1, 3) == pytest.approx(1.5)  # between 1 and 5 tokens
@@ -267,8 +321,8 @@ def test_tune_writes_the_table_the_auto_policy_loads(pair_engine, tmp_path, monk
 
     from click.testing import CliRunner
 
-    from mtad_trt import policy
     from mtad_trt.cli import main
+    from mtad_trt.engine import policy
 
     folder = tmp_path / "engine"
     shutil.copytree(pair_engine, folder)

@@ -1,4 +1,4 @@
-"""Teacher-forced scoring (mtad_trt.scoring) against hand-computed log-probs and itself chunked."""
+"""Teacher-forced scoring (mtad_trt.engine.scoring) against hand-computed log-probs and itself chunked."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from mtad_trt.backends.ort import OrtRunner
+from mtad_trt.backends.rows import Row
 from mtad_trt.bench.quality import token_weighted_perplexity
-from mtad_trt.manifest import Manifest
-from mtad_trt.rows import Row
-from mtad_trt.scoring import token_logprobs
+from mtad_trt.engine.scoring import token_logprobs
+from mtad_trt.folder.manifest import Manifest
 from toy import BigramRunner
 
 

@@ -15,13 +15,13 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from mtad_trt.backends.ort import OrtRunner
+from mtad_trt.backends.rows import Row
+from mtad_trt.backends.runner import ModelRunner
 from mtad_trt.backends.torch_backend import TorchRunner
 from mtad_trt.contract import ModelSpec
 from mtad_trt.errors import BackendUnavailable, EngineFolderError
 from mtad_trt.export.role import export_onnx
-from mtad_trt.manifest import Manifest, RoleEntry
-from mtad_trt.rows import Row
-from mtad_trt.runner import ModelRunner
+from mtad_trt.folder.manifest import Manifest, RoleEntry
 
 TOL = 1e-4
 SPEC = ModelSpec(num_layers=2, num_kv_heads=2, head_dim=16, vocab_size=300, dtype="float32", max_seq_len=300, architecture="qwen2")

@@ -1,7 +1,7 @@
 """A bigram "model" behind the ModelRunner protocol: logits depend only on the fed token.
 
 Fast enough to run a decoder tens of thousands of times, which the distributional properties of
-spec/mtad.md §4 (P2, P5, lossless speculative sampling) need. The cache calls are recorded, not
+docs/algorithm.md §4 (P2, P5, lossless speculative sampling) need. The cache calls are recorded, not
 simulated: a bigram model does not read its context.
 """
 
@@ -35,6 +35,9 @@ class BigramRunner:
     def reset(self) -> None:
         pass
 
+    def shrink(self, slots: int) -> int:
+        return self.spec.max_seq_len
+
     def step(self, inputs) -> np.ndarray:
         self.calls += 1
         ids = inputs.input_ids  # [R, T]
@@ -49,6 +52,12 @@ class BigramRunner:
         pass
 
     def move(self, row, src, dst) -> None:
+        pass
+
+    def read(self, row, start, count) -> np.ndarray:
+        return np.zeros((2, 1, count, 1), np.float32)  # a bigram model keeps no context worth copying
+
+    def write(self, row, start, block) -> None:
         pass
 
     def close(self) -> None:
@@ -66,9 +75,9 @@ class ToyTokenizer:
 
 def run_toy(decoder: str, draft_table, target_table, sp, prompt, max_batch: int = 1, **dp):
     """One request through the real scheduler on bigram runners: (tokens, stats)."""
-    from mtad_trt.params import DecodeParams
-    from mtad_trt.request import Request
-    from mtad_trt.scheduler import Scheduler
+    from mtad_trt.engine.params import DecodeParams
+    from mtad_trt.engine.request import Request
+    from mtad_trt.engine.scheduler import Scheduler
 
     sched = Scheduler(BigramRunner(target_table), BigramRunner(draft_table), ToyTokenizer(), set(), max_batch)
     req = Request(list(prompt), sp, DecodeParams(decoder=decoder, **dp))
@@ -89,7 +98,7 @@ def random_tables(v: int = 6, seed: int = 0, sharp: float = 1.5) -> tuple[np.nda
 
 
 def warp(logits, temperature: float, top_k: int, top_p: float) -> np.ndarray:
-    """spec/mtad.md §1 proc_T in plain numpy, independent of mtad_trt.sampling: divide by the
+    """docs/algorithm.md §1 proc_T in plain numpy, independent of mtad_trt.engine.sampling: divide by the
     temperature, keep the top-k logits (ties with the k-th kept), softmax, then drop every token
     whose more likely tokens already carry more than top_p of the mass; renormalise."""
     x = np.asarray(logits, np.float64) / temperature
@@ -134,9 +143,9 @@ def chi2_pvalue(counts, probs, min_expected: float = 5.0) -> float:
 def first_round(decoder: str, draft_table, target_table, sp, prompt, **dp) -> list[int]:
     """The tokens one request emits in its first iteration (the prompt's prefill and one round:
     one scheduler step). `sp.max_new_tokens` must not cut the round (γ+1 is enough)."""
-    from mtad_trt.params import DecodeParams
-    from mtad_trt.request import Request
-    from mtad_trt.scheduler import Scheduler
+    from mtad_trt.engine.params import DecodeParams
+    from mtad_trt.engine.request import Request
+    from mtad_trt.engine.scheduler import Scheduler
 
     sched = Scheduler(BigramRunner(target_table), BigramRunner(draft_table), ToyTokenizer(), set())
     req = Request(list(prompt), sp, DecodeParams(decoder=decoder, **dp))

@@ -11,10 +11,11 @@ import importlib.metadata
 import logging
 from pathlib import Path
 
+from mtad_trt.backends.runner import ModelRunner
+from mtad_trt.contract import DTYPE_BYTES
 from mtad_trt.errors import BackendUnavailable, CapacityError
 from mtad_trt.extras import TORCH, importable, require
-from mtad_trt.manifest import Manifest
-from mtad_trt.runner import ModelRunner
+from mtad_trt.folder.manifest import Manifest
 
 log = logging.getLogger("mtad_trt")
 
@@ -129,9 +130,6 @@ def load_runner(
     raise BackendUnavailable(f"unknown backend '{backend}'")
 
 
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-
-
 def kv_cache_bytes(spec, rows: int) -> int:
     """Bytes of one model's static KV cache with `rows` batch rows at full capacity."""
     return 2 * spec.num_layers * rows * spec.num_kv_heads * spec.max_seq_len * spec.head_dim * DTYPE_BYTES[spec.dtype]
@@ -153,6 +151,37 @@ def available_bytes(device: str) -> int | None:
     return None
 
 
+MAX_BATCH_CEILING = 16  # the widest batch measured to pay on CPU (docs/serve.md); more rows only add padding
+MEMORY_SHARE = 0.5  # of the memory available at load: what the default batch's KV caches may take
+
+
+def graph_bytes(manifest: Manifest, roles: list[str], folder: Path | None) -> int:
+    """Bytes of the roles' ONNX graphs and weights on disk (what loading them maps or copies)."""
+    if folder is None:
+        return 0
+    total = 0
+    for role in roles:
+        onnx = (Path(folder) / manifest.role(role).onnx).parent
+        total += sum(p.stat().st_size for p in onnx.glob("model.onnx*") if p.is_file())
+    return total
+
+
+def default_max_batch(manifest: Manifest, roles: list[str], device: str, folder: Path | None = None) -> tuple[int, str]:
+    """The batch rows to allocate when the user gave none, and the rule in words.
+
+    As many rows as the engine's full-capacity KV caches of every role fit in half of the memory
+    available at load after the graphs' weights, at most MAX_BATCH_CEILING, at least 1.
+    """
+    per_row = sum(kv_cache_bytes(manifest.role(role).spec, 1) for role in roles)
+    have = available_bytes(device)
+    if have is None:
+        return MAX_BATCH_CEILING, f"{MAX_BATCH_CEILING} (available memory unknown)"
+    room = MEMORY_SHARE * have - graph_bytes(manifest, roles, folder)
+    rows = max(1, min(MAX_BATCH_CEILING, int(room // per_row)))
+    return rows, (f"{rows} (full-capacity KV caches of {per_row / 2**20:.0f} MiB a row in half of the "
+                  f"{have / 2**30:.1f} GiB available, at most {MAX_BATCH_CEILING})")
+
+
 def check_memory(manifest: Manifest, roles: list[str], rows: int, device: str, folder: Path | None = None) -> int:
     """Refuse at load, naming the sizes, a KV cache (+ graph weights) that cannot fit in memory.
 
@@ -161,11 +190,7 @@ def check_memory(manifest: Manifest, roles: list[str], rows: int, device: str, f
     Returns the KV-cache bytes.
     """
     kv = {role: kv_cache_bytes(manifest.role(role).spec, rows) for role in roles}
-    weights = 0
-    if folder is not None:
-        for role in roles:
-            onnx = (Path(folder) / manifest.role(role).onnx).parent
-            weights += sum(p.stat().st_size for p in onnx.glob("model.onnx*") if p.is_file())
+    weights = graph_bytes(manifest, roles, folder)
     need = sum(kv.values()) + weights
     have = available_bytes(device)
     if have is not None and need > have:

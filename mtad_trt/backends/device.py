@@ -17,12 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from mtad_trt.backends.runner import ShapeCache, SlotCacheRunner
+from mtad_trt.contract import DTYPES
 from mtad_trt.errors import BackendUnavailable, MtadError
-from mtad_trt.runner import ShapeCache, SlotCacheRunner
 
 log = logging.getLogger("mtad_trt")
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 
 
@@ -96,6 +97,18 @@ class StreamRunner(SlotCacheRunner):
     def move(self, *args: Any, **kwargs: Any) -> Any:
         with on_stream(self.stream):
             return super().move(*args, **kwargs)
+
+    def shrink(self, *args: Any, **kwargs: Any) -> Any:
+        with on_stream(self.stream):
+            return super().shrink(*args, **kwargs)
+
+    def read(self, *args: Any, **kwargs: Any) -> Any:
+        with on_stream(self.stream):
+            return super().read(*args, **kwargs)
+
+    def write(self, *args: Any, **kwargs: Any) -> Any:
+        with on_stream(self.stream):
+            return super().write(*args, **kwargs)
 
 
 class HostLogits:

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mtad_trt.contract import HEAD_OUTPUTS, LOGITS, ModelSpec, StepInputs, StepOut, check_step
+from mtad_trt.backends.kvcache import HostKVCache
+from mtad_trt.backends.runner import ShapeCache, SlotCacheRunner
+from mtad_trt.contract import HEAD_OUTPUTS, LOGITS, NP_DTYPES, ModelSpec, StepInputs, StepOut, check_step
 from mtad_trt.errors import EngineFolderError
-from mtad_trt.kvcache import NP_DTYPES, HostKVCache
-from mtad_trt.runner import ShapeCache, SlotCacheRunner
 
 
 class OrtRunner(SlotCacheRunner):

@@ -2,7 +2,7 @@
 
 It runs the same `ContractWrapper` that export traces, so it is the parity reference for every
 other backend, and the GPU path that can be measured where TensorRT is absent. On CUDA its
-decode/verify steps replay CUDA graphs (`mtad_trt.cuda_graphs`).
+decode/verify steps replay CUDA graphs (`mtad_trt.backends.cuda_graphs`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from mtad_trt.backends.cuda_graphs import Capturer, GraphRunner, StaticInputs, TorchCudaCapturer
 from mtad_trt.backends.device import (
     TORCH_DTYPES,
     HostLogits,
@@ -21,11 +22,10 @@ from mtad_trt.backends.device import (
     runtime_dtype,
     torch_device,
 )
+from mtad_trt.backends.kvcache import TorchKVCache
 from mtad_trt.contract import ModelSpec, StepInputs, StepOut, check_model, check_step
-from mtad_trt.cuda_graphs import Capturer, GraphRunner, StaticInputs, TorchCudaCapturer
 from mtad_trt.errors import EngineFolderError
-from mtad_trt.kvcache import TorchKVCache
-from mtad_trt.manifest import Manifest
+from mtad_trt.folder.manifest import Manifest
 
 DEFAULT_MAX_DECODE_TOKENS = 32  # widest step (verify chain / draft tree) that is graph-captured
 
@@ -77,7 +77,7 @@ class TorchRunner(StreamRunner):
         **kwargs,
     ) -> TorchRunner:
         """Load the role's Hugging Face model: `<folder>/<role>/hf` if the export kept one, else its source."""
-        from mtad_trt.checkpoint import load_model, open_path
+        from mtad_trt.folder.checkpoint import load_model, open_path
 
         entry = manifest.role(role)
         dev = torch_device(device)  # before the (slow) model load

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from mtad_trt.errors import BackendUnavailable
-from mtad_trt.manifest import Manifest
+from mtad_trt.folder.manifest import Manifest
 
 log = logging.getLogger("mtad_trt")
 

@@ -4,7 +4,7 @@ Why a separate module: every number in a report should come from one definition 
 with hand-computed values, so that `bench`, the server and notebooks cannot drift apart. Nothing
 here touches a model, a device or the clock.
 
-Definitions follow spec/mtad.md §2.4 / §6.1 (perplexity, J/token) and the MLPerf vocabulary in
+Definitions follow docs/algorithm.md §2.4 / §6.1 (perplexity, J/token) and the MLPerf vocabulary in
 reference.md (TTFT, TPOT, end-to-end latency, output tokens/s at p50/p90/p99).
 """
 

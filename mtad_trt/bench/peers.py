@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from mtad_trt.errors import MtadError
-from mtad_trt.manifest import Manifest
+from mtad_trt.folder.manifest import Manifest
 
 PEERS = ("hf", "hf-ar", "ort-genai", "llama.cpp")
 ORT_GENAI_INSTALL = "pip install 'onnxruntime-genai==0.18.0'  (or: pip install 'mtad-trt[peers-ort]')"
@@ -54,7 +54,7 @@ class HfPeer:
     def __init__(self, cfg, assisted: bool) -> None:
         import torch
 
-        from mtad_trt.checkpoint import load_model, open_path
+        from mtad_trt.folder.checkpoint import load_model, open_path
 
         torch.set_num_threads(cfg.threads)
         manifest = Manifest.load(cfg.engines)

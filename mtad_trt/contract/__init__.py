@@ -1,4 +1,4 @@
-"""The graph contract (engine-contract §2): one definition of every graph's inputs and outputs.
+"""The graph contract (docs/graph-contract.md §2): one definition of every graph's inputs and outputs.
 
 Every backend runs the same graph, so its I/O names, dtypes and shape rules live here once: the
 export stage names the ONNX graph's tensors from this module, the manifest stores a `ModelSpec`,
@@ -31,7 +31,10 @@ TOPK_VALUES = "topk_values"  # float32 [B, K, H], descending
 TOPK_INDICES = "topk_indices"  # int64 [B, K, H]
 LOGSUMEXP = "logsumexp"  # float32 [B, K]: the full-softmax normaliser
 HEAD_OUTPUTS = (TOPK_VALUES, TOPK_INDICES, LOGSUMEXP)
-DTYPES = ("float32", "float16", "bfloat16")  # graph / KV-cache dtypes
+# The graph / KV-cache dtypes and their widths in bytes; every other dtype table derives from these.
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+DTYPES = tuple(DTYPE_BYTES)
+NP_DTYPES = {"float32": np.float32, "float16": np.float16}  # numpy has no bfloat16: the host cache's set
 
 
 def past_name(layer: int, kind: str) -> str:
@@ -56,6 +59,11 @@ class ModelSpec:
     sliding_window: int | None = None  # W: a sliding layer's query at position p sees keys at p-W+1..p
     layer_types: list[str] | None = None  # per layer "full_attention" | "sliding_attention" (None: all full)
     topk_head: int = 0  # H: the graph also returns each logits row's top-H values/indices + logsumexp
+
+    @property
+    def window(self) -> int | None:
+        """W when some layer slides (the graph then takes a sliding mask), else None."""
+        return self.sliding_window if self.has_sliding_layers else None
 
     @property
     def has_sliding_layers(self) -> bool:

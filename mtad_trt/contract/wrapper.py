@@ -40,7 +40,10 @@ def grouped_attention(module, query, key, value, attention_mask, scaling, dropou
     if attention_mask is not None:
         w = w.view(b, hkv, g, t, -1) + attention_mask.unsqueeze(2)  # mask [B,1,T,S+T] -> [B,1,1,T,S+T]
         w = w.view(b, hkv, g * t, -1)
-    w = torch.softmax(w, dim=-1, dtype=torch.float32).to(query.dtype)
+    # Cast, then softmax: not softmax(w, dtype=float32). torch-onnx (onnxscript's aten::softmax.int)
+    # exports that as a Softmax in the input's dtype with a Cast of its *output*, so an fp16 graph
+    # would normalise in fp16 (docs/gpu.md, "fp16 attention softmax"). Identical in torch.
+    w = torch.softmax(w.float(), dim=-1).to(query.dtype)
     out = torch.matmul(w, value)  # [B, Hkv, G*T, D]
     out = out.view(b, h, t, d).transpose(1, 2).contiguous()
     return out, None
@@ -51,7 +54,7 @@ AttentionInterface.register(ATTN_NAME, grouped_attention)
 AttentionMaskInterface.register(ATTN_NAME, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
 
 
-def _cache_keyword(model: nn.Module) -> str:
+def cache_keyword(model: nn.Module) -> str:
     """transformers 5.x renamed `past_key_values=` to `cache=` (the old name goes in 5.40)."""
     import inspect
 
@@ -88,6 +91,23 @@ class _pinned_rope:
             m.rope_type = "longrope"
 
 
+def stable_logsumexp(logits: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last axis, written out as max + log(sum(exp(x - max))).
+
+    Not torch.logsumexp: that exports as ONNX ReduceLogSumExp, which TensorRT's ONNX parser lowers
+    to log(sum(exp(x))) without the max (NVIDIA/TensorRT#4772), so a row with a logit above ~88.7
+    overflows to inf in fp32 (~11 in fp16). `top` is the row's maximum, [..., 1]: the top-k head's
+    first value, so no extra reduction is needed. The shift is clamped to the finite range (Max and
+    Min against constants: plain ops for every TensorRT, where a scalar clamp would export CastLike)
+    so that an infinite maximum gives what torch.logsumexp gives, +inf or -inf, not NaN (inf - inf).
+    """
+    big = torch.finfo(logits.dtype).max
+    lo = torch.full((), -big, dtype=top.dtype, device=top.device)
+    hi = torch.full((), big, dtype=top.dtype, device=top.device)
+    shift = torch.minimum(torch.maximum(top, lo), hi)
+    return shift.squeeze(-1) + torch.log(torch.exp(logits - shift).sum(dim=-1))
+
+
 class ContractWrapper(nn.Module):
     """attention="grouped" (default) folds query heads onto KV heads; "eager" is transformers' own
     repeat_kv formulation, kept to measure the difference. topk > 0 adds the top-k head outputs."""
@@ -101,7 +121,7 @@ class ContractWrapper(nn.Module):
         self.num_layers = cfg.num_hidden_layers
         self.decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         self.lm_head = model.get_output_embeddings()
-        self.cache_kw = _cache_keyword(self.decoder)
+        self.cache_kw = cache_keyword(self.decoder)
         cfg._attn_implementation = ATTN_NAME if attention == "grouped" else "eager"
         self.mask_dtype = next(model.parameters()).dtype
         window, types = attention_layout(cfg)
@@ -151,7 +171,7 @@ class ContractWrapper(nn.Module):
         head = ()
         if self.topk:
             values, indices = torch.topk(logits, self.topk, dim=-1)  # sorted, largest first
-            head = (values, indices, torch.logsumexp(logits, dim=-1))
+            head = (values, indices, stable_logsumexp(logits, values[..., :1]))
         new = []
         for layer in cache.layers:
             new.append(layer.keys[:, :, -t:, :])

@@ -21,7 +21,8 @@ from mtad_trt.pipeline import Pipeline
 from mtad_trt.serve.errors import ApiError, install_handlers, shutting_down
 from mtad_trt.serve.metrics import ServerMetrics
 from mtad_trt.serve.routes import router
-from mtad_trt.serve.serving import ChatServing, CompletionServing, ServerSettings
+from mtad_trt.serve.serving import ChatServing, CompletionServing
+from mtad_trt.serve.settings import ServerSettings
 
 log = logging.getLogger("mtad_trt.serve")
 
@@ -83,7 +84,8 @@ def create_app(runtime: Pipeline | RuntimeClient, settings: ServerSettings | Non
     """An OpenAI-compatible app over a loaded Pipeline (wrapped in a RuntimeClient here) or a client."""
     settings = settings or ServerSettings()
     settings.validate()
-    metrics = ServerMetrics(settings.model_name or runtime.info().name)
+    info = runtime.info()
+    metrics = ServerMetrics(settings.model_name or info.name, prefix_cache=info.prefix_cache_bytes > 0)
     if isinstance(runtime, RuntimeClient):
         client = runtime
         client.observer = metrics

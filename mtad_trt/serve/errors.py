@@ -54,10 +54,15 @@ def as_api_error(exc: BaseException, retry_after_s: int = 1) -> ApiError:
     return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error", code="internal_error")
 
 
-def validation_error(e: ValidationError) -> ApiError:
+def validation_error(e: ValidationError, model_cls: type[BaseModel] | None = None) -> ApiError:
     errors = e.errors(include_url=False)
     if any(err["type"] == "json_invalid" for err in errors):
         return ApiError(400, f"the request body is not valid JSON: {errors[0]['msg']}", code="invalid_json")
+    # a field of the other endpoint (`echo` on chat, `messages` on completions): say where it belongs
+    other = getattr(model_cls, "OTHER_ENDPOINT", {})
+    for err in errors:
+        if err["type"] == "extra_forbidden" and len(err["loc"]) == 1 and err["loc"][0] in other:
+            return ApiError(400, other[err["loc"][0]], param=str(err["loc"][0]), code="invalid_value")
     msgs, param = [], None
     for err in errors[:3]:
         loc = ".".join(str(x) for x in err["loc"])
@@ -75,11 +80,14 @@ def parse(model_cls: type[BaseModel], raw: bytes):
     try:
         req = model_cls.model_validate_json(raw)
     except ValidationError as e:
-        raise validation_error(e) from e
+        raise validation_error(e, model_cls) from e
     unsupported = req.unsupported()
     if unsupported:
         raise ApiError(400, f"not supported by mtad-trt: {', '.join(w for _, w in unsupported)}",
                        param=unsupported[0][0], code="unsupported")
+    invalid = req.invalid()
+    if invalid:
+        raise ApiError(400, "; ".join(m for _, m in invalid), param=invalid[0][0], code="invalid_value")
     return req
 
 

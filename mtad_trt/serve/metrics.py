@@ -12,7 +12,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from mtad_trt.client import Handle
-from mtad_trt.stats import Stats
+from mtad_trt.engine.stats import Stats
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                     10.0, 20.0, 40.0, 80.0)
@@ -25,7 +25,7 @@ class ServerMetrics:
     process without "duplicated timeseries" errors.
     """
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, prefix_cache: bool = False) -> None:
         self.registry = r = CollectorRegistry()
         lab = ["model_name"]
         name = model_name
@@ -59,17 +59,35 @@ class ServerMetrics:
         self._per_pos = Counter("mtad_trt:spec_decode_num_accepted_tokens_per_pos",
                                 "Rounds that accepted at least position+1 drafted tokens.",
                                 lab + ["position"], registry=r)
+        self.prefix_cache = prefix_cache
+        self.prefix_queries = count("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_hits = count("prefix_cache_hits", "Prompt tokens found in the prefix cache (not prefilled).")
+        call_labels = lab + ["role", "phase"]
+        self._call_seconds = Counter("mtad_trt:model_call_seconds", "Time in model calls, by model and phase "
+                                     "(prefill, draft, target): with iteration_time, where a batch's time goes.",
+                                     call_labels, registry=r)
+        self._call_count = Counter("mtad_trt:model_calls", "Model calls, by model and phase.", call_labels, registry=r)
+        self._call_rows = Counter("mtad_trt:model_call_rows", "Batch rows that carried a request, summed over calls.",
+                                  call_labels, registry=r)
+        self._call_tokens = Counter("mtad_trt:model_call_tokens", "rows x T fed, summed over calls (T = the widest "
+                                    "row's tokens: narrower rows are padded to it).", call_labels, registry=r)
+        self.host_seconds = count("iteration_host_seconds", "Iteration time outside model calls (scheduling, "
+                                  "sampling, detokenizing, cache copies).")
         self._success = Counter("mtad_trt:request_success", "Finished requests by finish reason "
                                 "(stop, length, cancelled).", lab + ["finished_reason"], registry=r)
         self._name = name
         self._lock = threading.Lock()
         self._running = 0
-        self._last: dict[int, float] = {}  # handle id -> time its last tokens arrived
+        self._last: dict[int, float] = {}  # handle id -> time its last tokens arrived (dropped at the end)
+        self._iteration_s = 0.0
 
     def record(self, stats: Stats, e2e_s: float) -> None:
         """Add one finished (or cancelled) request's statistics."""
         self.e2e.observe(e2e_s)
         self.generation_tokens.inc(stats.generated_tokens)
+        if self.prefix_cache and stats.prompt_tokens:
+            self.prefix_queries.inc(stats.prompt_tokens)
+            self.prefix_hits.inc(stats.cached_tokens)
         if stats.generated_tokens > 1:
             self.tpot.observe(max(0.0, stats.wall_s - stats.ttft_s) / (stats.generated_tokens - 1))
         if stats.decoder != "ar" and stats.iterations:
@@ -113,3 +131,15 @@ class ServerMetrics:
     def iteration(self, rows: int, seconds: float) -> None:
         self.batch_size.observe(rows)
         self.iteration_time.observe(seconds)
+        self._iteration_s = seconds
+
+    def model_calls(self, calls: list[tuple[str, str, int, int, float]]) -> None:
+        in_calls = 0.0
+        for role, phase, rows, t, seconds in calls:
+            labels = (self._name, role, phase)
+            self._call_seconds.labels(*labels).inc(seconds)
+            self._call_count.labels(*labels).inc()
+            self._call_rows.labels(*labels).inc(rows)
+            self._call_tokens.labels(*labels).inc(rows * t)
+            in_calls += seconds
+        self.host_seconds.inc(max(0.0, self._iteration_s - in_calls))

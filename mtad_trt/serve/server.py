@@ -3,19 +3,18 @@ server on a loopback port, for tests, notebooks and benchmarks)."""
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
+import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
 
 from mtad_trt.serve.app import ServerState, create_app
-from mtad_trt.serve.serving import ServerSettings
+from mtad_trt.serve.settings import ServerSettings
 
 log = logging.getLogger("mtad_trt.serve")
 
@@ -33,46 +32,20 @@ class _DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+def serve(settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Load `settings.engines` and serve it until SIGTERM/SIGINT (then drain for up to
+    settings.drain_timeout_s).
 
-
-def serve(
-    engines: str | Path,
-    settings: ServerSettings | None = None,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    backend: str = "auto",
-    device: str = "auto",
-    threads: int = 1,
-    log_level: str = "info",
-    max_batch: int = 1,
-    prefill_chunk: int | None = None,
-    spec_policy: str = "auto",
-) -> None:
-    """Load `engines` and serve it until SIGTERM/SIGINT (then drain for up to settings.drain_timeout_s).
-
-    `max_batch` requests run at once (continuous batching); `spec_policy` "auto" lets the runtime
-    pick γ (and B) per iteration for the requests that did not fix them, "fixed" never does.
-
+    `settings.max_batch` requests run at once (continuous batching); `spec_policy` "auto" lets the
+    runtime pick γ (and B) per iteration for the requests that did not fix them, "fixed" never does.
     Binds loopback unless `host` says otherwise. Like uvicorn, re-raises the signal that stopped
     it once the drain is done, so a supervisor sees "terminated by SIGTERM".
     """
-    from mtad_trt.pipeline import Pipeline
-
-    settings = settings or ServerSettings()
     settings.validate()  # before the (slow) engine load
-    if not _is_loopback(host) and not settings.api_key:
-        log.warning("serving on %s without --api-key: anyone who can reach this address can use it", host)
-    from mtad_trt.pipeline import DEFAULT_PREFILL_CHUNK
-
-    pipeline = Pipeline.load(engines, backend=backend, device=device, threads=threads, max_batch=max_batch,
-                             prefill_chunk=prefill_chunk or DEFAULT_PREFILL_CHUNK, spec_policy=spec_policy)
+    settings.warn_if_exposed(host)
+    pipeline = settings.load()
+    for name, why in pipeline.choices.items():  # what was picked by rule, so the operator sees it
+        print(f"mtad-trt serve: --{name.replace('_', '-')} {why}", file=sys.stderr, flush=True)
     try:
         app = create_app(pipeline, settings)
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",

@@ -4,18 +4,22 @@ One path for `/v1/completions` and `/v1/chat/completions`: read and parse the bo
 model name, tokenize (off the event loop), let the runtime validate and fit the settings, submit,
 then stream SSE chunks or collect one body. The two endpoints differ only in how a prompt is
 built and how a chunk or a body looks (`CompletionServing`, `ChatServing`).
+
+A request with several prompts (completions) or `n` > 1 has several choices, and each choice is
+its own runtime request: all are submitted together, so they share the running batch like any
+concurrent requests, and choice `prompt_index * n + i` is exactly what a single request for that
+prompt would give with seed + i (when a seed is given). The response's `usage` sums them, counting
+each prompt once (OpenAI's and vLLM's rule).
 """
 
 from __future__ import annotations
 
-import abc
 import asyncio
+import copy
 import json
-import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
@@ -23,33 +27,22 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from mtad_trt.client import RuntimeClient
+from mtad_trt.engine.request import Piece
 from mtad_trt.errors import MtadError
-from mtad_trt.params import split_settings
 from mtad_trt.serve.errors import ApiError, as_api_error, parse
+from mtad_trt.serve.job import Job
 from mtad_trt.serve.protocol import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
     ChatCompletionRequest,
+    ChatShape,
+    ChoiceState,
     CompletionRequest,
+    CompletionShape,
+    Shape,
+    TokenTable,
+    sse,
 )
-from mtad_trt.serve.worker import Job
-
-
-@dataclass
-class ServerSettings:
-    """What `serve` and `create_app` are configured with (the CLI flags, minus the engine loading)."""
-
-    model_name: str | None = None  # served model id; default: the engine folder's name
-    api_key: str | None = None  # when set, /v1/* needs `Authorization: Bearer <key>`
-    max_queue: int = 64  # requests waiting for the runtime (the running ones not counted)
-    max_body_bytes: int = 1 << 20
-    retry_after_s: int = 1  # the Retry-After header of a 429
-    drain_timeout_s: float = 30.0  # SIGTERM: how long in-flight and queued requests may still run
-    defaults: dict[str, Any] = field(default_factory=dict)  # settings a request does not give (decoder, gamma...)
-
-    def validate(self) -> None:
-        if self.max_queue < 1:
-            raise MtadError(f"--max-queue must be >= 1, got {self.max_queue}")
-        split_settings(dict(self.defaults))  # refuse bad server defaults at startup, not per request
+from mtad_trt.serve.settings import ServerSettings
 
 
 class OpenAIServing:
@@ -62,6 +55,7 @@ class OpenAIServing:
         # event loop (streams keep flowing), with an encoder of its own (see `pipeline.Encoder`).
         self.encoder = client.encoder()
         self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="mtad-trt-tokenize")
+        self._tokens: TokenTable | None = None  # token strings for logprobs, built at the first use
 
     def close(self) -> None:
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
@@ -71,144 +65,185 @@ class OpenAIServing:
             raise ApiError(404, f"the model '{model}' does not exist; this server serves '{self.model_name}'",
                            param="model", code="model_not_found")
 
-    async def tokenize(self, fn, *args) -> list[int]:
+    async def tokenize(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn, *args)
 
-    async def generate(self, http: Request, req, prompt_ids: list[int], default_max: int | None,
-                       shape: Shape) -> Response:
-        """Fit, submit, then stream or collect: the path both endpoints end in."""
-        prepared = self.client.prepare(prompt_ids, default_max, self.settings.defaults, **req.runtime_settings())
-        job = Job(asyncio.get_running_loop())
+    async def token_table(self) -> TokenTable:
+        """Token strings and bytes for logprobs: read from a tokenizer copy of its own (the event
+        loop formats responses while the tokenize thread encodes)."""
+        if self._tokens is None:
+            self._tokens = await self.tokenize(lambda: TokenTable(copy.deepcopy(self.encoder.tokenizer)))
+        return self._tokens
+
+    # -- the path both endpoints end in ------------------------------------------------------------
+    def prepare(self, req, prompts: list[list[int]], default_max: int | None) -> tuple[list[ChoiceState], list]:
+        """One choice per (prompt, i < n), each validated and fitted by the runtime; nothing is
+        submitted before all are (a bad prompt refuses the whole request)."""
+        n, total = req.n, len(prompts) * req.n
+        limit = getattr(self.client, "max_queue", None)
+        if limit is not None and total > limit:
+            raise ApiError(400, f"this request asks for {total} choices ({len(prompts)} prompt(s) x n={n}); "
+                                f"the server takes at most {limit} at once (its --max-queue)",
+                           param="n" if n > 1 else "prompt", code="invalid_value")
+        choices, prepared = [], []
+        for p, ids in enumerate(prompts):
+            for i in range(n):
+                c = ChoiceState(p * n + i, p, ids, "")
+                try:
+                    prepared.append(self.client.prepare(ids, default_max, self.settings.defaults, **req.choice_settings(i)))
+                except MtadError as e:
+                    err = as_api_error(e)
+                    if len(prompts) > 1:
+                        err.message = f"prompt {p}: {err.message}"
+                    raise err from e
+                choices.append(c)
+        return choices, prepared
+
+    async def run(self, http: Request, req, choices: list[ChoiceState], prepared: list, shape: Shape) -> Response:
+        """Submit every choice, then stream or collect."""
+        if shape.logprobs is not None:
+            shape.tokens = await self.token_table()
+        loop = asyncio.get_running_loop()
         try:
-            job.handle = self.client.submit(prepared, job, streaming=req.stream)
-        except MtadError as e:
+            for c, request in zip(choices, prepared, strict=True):
+                job = Job(loop)
+                job.handle = self.client.submit(request, job, streaming=req.stream)
+                c.job = job
+        except MtadError as e:  # the queue filled (or the server is stopping) part-way: none of it runs
+            self._cancel(choices)
             raise as_api_error(e, self.settings.retry_after_s) from e
         if req.stream:
-            events = self._stream_events(job, shape, req.include_usage, req.return_token_ids)
+            events = self._stream_events(choices, shape, req.include_usage)
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        text, ids = await self._collect(http, job)
-        return JSONResponse({**shape.body(text, finish_reason(job), ids if req.return_token_ids else None),
-                             "usage": usage(job), "mtad": mtad_stats(job)})
+        results = await self._collect(http, choices)
+        body = shape.envelope([shape.choice(c, text, finish_reason(c.job), ids, lps)
+                               for c, (text, ids, lps) in zip(choices, results, strict=True)])
+        if req.return_token_ids and len({c.prompt_index for c in choices}) == 1:
+            body["prompt_token_ids"] = choices[0].prompt_ids
+        body["usage"] = usage(choices)
+        if len(choices) == 1:
+            body["mtad"] = mtad_stats(choices[0].job)
+        else:  # each choice's own statistics ride with it
+            for ch, c in zip(body["choices"], choices, strict=True):
+                ch["mtad"] = mtad_stats(c.job)
+        return JSONResponse(body)
 
-    async def _collect(self, http: Request, job: Job) -> tuple[str, list[int]]:
-        watcher = asyncio.create_task(self._watch_disconnect(http, job))
+    def _cancel(self, choices: list[ChoiceState]) -> None:
+        for c in choices:
+            if c.job is not None and c.job.handle is not None and not c.job.finished:
+                self.client.cancel(c.job.handle)
+
+    async def _events(self, choices: list[ChoiceState]) -> AsyncIterator[tuple[ChoiceState, list[Piece] | None]]:
+        """Every choice's piece batches as they arrive, then (choice, None) once it has finished;
+        raises the first error. Closing it early cancels whatever has not finished."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(c: ChoiceState) -> None:
+            try:
+                async for pieces in c.job.events(self.client):
+                    queue.put_nowait((c, pieces, None))
+                queue.put_nowait((c, None, None))
+            except Exception as e:  # noqa: BLE001 - handed to the consumer
+                queue.put_nowait((c, None, e))
+
+        tasks = [asyncio.create_task(pump(c)) for c in choices]
         try:
-            parts, ids = [], []
-            async for pieces in job.events(self.client):
-                for piece in pieces:
+            left = len(choices)
+            while left:
+                c, pieces, err = await queue.get()
+                if err is not None:
+                    raise err
+                if pieces is None:
+                    left -= 1
+                yield c, pieces
+        finally:
+            for t in tasks:
+                t.cancel()
+            self._cancel(choices)
+
+    async def _collect(self, http: Request, choices: list[ChoiceState]) -> list[tuple[str, list[int], list | None]]:
+        """Each choice's text, token ids and (when asked) log-probs."""
+        watcher = asyncio.create_task(self._watch_disconnect(http, choices))
+        out = {id(c): ([], [], []) for c in choices}
+        missing = set()
+        try:
+            async for c, pieces in self._events(choices):
+                parts, ids, lps = out[id(c)]
+                for piece in pieces or ():
                     parts.append(piece.text)
                     ids.extend(piece.token_ids)
-            return "".join(parts), ids
+                    if piece.logprobs is not None:
+                        lps.extend(piece.logprobs)
+                    elif piece.token_ids:
+                        missing.add(id(c))
+            return [("".join(out[id(c)][0]), out[id(c)][1], None if id(c) in missing else out[id(c)][2])
+                    for c in choices]
         finally:
             watcher.cancel()
 
-    async def _watch_disconnect(self, http: Request, job: Job) -> None:
+    async def _watch_disconnect(self, http: Request, choices: list[ChoiceState]) -> None:
         """Cancel a non-streaming request when its client goes away (streams are cancelled by
         Starlette, which raises into the response generator)."""
         while True:
             message = await http.receive()
             if message["type"] == "http.disconnect":
-                self.client.cancel(job.handle)
+                for c in choices:
+                    if c.job is not None and c.job.handle is not None:
+                        self.client.cancel(c.job.handle)
                 return
 
-    async def _stream_events(self, job: Job, shape: Shape, include_usage: bool, return_ids: bool) -> AsyncIterator[str]:
-        """SSE: the first chunks, one chunk per non-empty piece, a finish chunk (with `mtad`), an
-        optional usage chunk, then [DONE]. Errors after the headers go out as an error event."""
+    async def _stream_events(self, choices: list[ChoiceState], shape: Shape, include_usage: bool) -> AsyncIterator[str]:
+        """SSE: each choice's first chunks, then its chunks as pieces arrive (choices interleave,
+        each chunk names its `index`), a finish chunk per choice (with its `mtad`), an optional
+        usage chunk, then [DONE]. Errors after the headers go out as an error event."""
         extra = {"usage": None} if include_usage else {}
+
+        def events(objs: list[dict]) -> str:
+            return "".join(sse({**o, **extra}) for o in objs)  # one write for everything that arrived together
+
         try:
-            for c in shape.first():
-                yield sse({**c, **extra})
-            async for pieces in job.events(self.client):
-                out = [sse({**shape.chunk(p.text, None, p.token_ids if return_ids else None), **extra})
-                       for p in pieces if p.text or (return_ids and p.token_ids)]
-                if out:
-                    yield "".join(out)  # one write for everything that arrived together
-            yield sse({**shape.chunk("", finish_reason(job), [] if return_ids else None), **extra,
-                       "mtad": mtad_stats(job)})
+            first = [o for c in choices for o in shape.first(c)]
+            if first:
+                yield events(first)
+            async for c, pieces in self._events(choices):
+                objs = []
+                if not c.opened:  # the prefill is done: echo has the prompt's log-probs now
+                    c.opened = True
+                    objs += shape.opening(c)
+                if pieces is None:
+                    objs.append({**shape.chunk(c, "", finish_reason(c.job), [], None), "mtad": mtad_stats(c.job)})
+                else:
+                    objs += [shape.chunk(c, p.text, None, p.token_ids, p.logprobs)
+                             for p in pieces if shape.wants_chunk(p.text, p.token_ids)]
+                if objs:
+                    yield events(objs)
             if include_usage:
-                yield sse({**shape.chunk("", None, None), "choices": [], "usage": usage(job), "mtad": mtad_stats(job)})
+                last = {**shape.envelope([], chunk=True), "usage": usage(choices)}
+                if len(choices) == 1:
+                    last["mtad"] = mtad_stats(choices[0].job)
+                yield sse(last)
         except Exception as e:  # noqa: BLE001 - reported to the client in-stream
             yield sse(as_api_error(e).body())
         yield sse("[DONE]")
-
-
-@dataclass
-class Shape(abc.ABC):
-    """How one request's chunks and body look; each endpoint has its own."""
-
-    model: str
-    prompt_ids: list[int]
-    return_ids: bool
-    rid: str = ""
-    created: int = field(default_factory=lambda: int(time.time()))
-
-    @abc.abstractmethod
-    def chunk(self, text: str, finish: str | None, ids: list[int] | None) -> dict:
-        """One streamed chunk (finish=None until the last)."""
-
-    @abc.abstractmethod
-    def first(self) -> list[dict]:
-        """Chunks sent before any token (the chat role, prompt token ids)."""
-
-    @abc.abstractmethod
-    def body(self, text: str, finish: str, ids: list[int] | None) -> dict:
-        """The non-streaming response, without usage and stats."""
-
-    def _envelope(self, obj: str, choice: dict, ids: list[int] | None) -> dict:
-        if ids is not None:
-            choice["token_ids"] = ids
-        return {"id": self.rid, "object": obj, "created": self.created, "model": self.model, "choices": [choice]}
-
-
-class CompletionShape(Shape):
-    def chunk(self, text: str, finish: str | None, ids: list[int] | None) -> dict:
-        return self._envelope("text_completion", {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}, ids)
-
-    def first(self) -> list[dict]:
-        return [{**self.chunk("", None, []), "prompt_token_ids": self.prompt_ids}] if self.return_ids else []
-
-    def body(self, text: str, finish: str, ids: list[int] | None) -> dict:
-        out = self.chunk(text, finish, ids)
-        if self.return_ids:
-            out["prompt_token_ids"] = self.prompt_ids
-        return out
-
-
-class ChatShape(Shape):
-    def chunk(self, text: str, finish: str | None, ids: list[int] | None, delta: dict | None = None) -> dict:
-        delta = delta if delta is not None else ({"content": text} if text else {})
-        return self._envelope("chat.completion.chunk",
-                              {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}, ids)
-
-    def first(self) -> list[dict]:
-        first = self.chunk("", None, [] if self.return_ids else None, delta={"role": "assistant", "content": ""})
-        if self.return_ids:
-            first["prompt_token_ids"] = self.prompt_ids
-        return [first]
-
-    def body(self, text: str, finish: str, ids: list[int] | None) -> dict:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": finish}
-        out = self._envelope("chat.completion", choice, ids)
-        if self.return_ids:
-            out["prompt_token_ids"] = self.prompt_ids
-        return out
 
 
 class CompletionServing(OpenAIServing):
     async def create(self, http: Request) -> Response:
         req = parse(CompletionRequest, await read_json(http, self.settings.max_body_bytes))
         self.check_model(req.model)
-        prompt = req.prompt
-        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-            if len(prompt) != 1:
-                raise ApiError(400, "not supported by mtad-trt: a list of prompts (send one prompt per request)",
-                               param="prompt", code="unsupported")
-            prompt = prompt[0]
-        prompt_ids = await self.tokenize(self.encoder.encode, prompt) if isinstance(prompt, str) else list(prompt)
-        shape = CompletionShape(self.model_name, prompt_ids, req.return_token_ids, rid=f"cmpl-{uuid.uuid4().hex}")
-        return await self.generate(http, req, prompt_ids, COMPLETIONS_DEFAULT_MAX_TOKENS, shape)
+        prompts = req.prompts()
+        encode = self.encoder.encode
+        ids = await self.tokenize(lambda: [encode(p) if isinstance(p, str) else list(p) for p in prompts])
+        choices, prepared = self.prepare(req, ids, COMPLETIONS_DEFAULT_MAX_TOKENS)
+        if req.echo:  # the prompt as sent; token ids (valid: the runtime checked them) decoded
+            decode = self.encoder.tokenizer.decode
+            texts = await self.tokenize(lambda: [p if isinstance(p, str) else decode(p) for p in prompts])
+            for c in choices:
+                c.prompt_text = texts[c.prompt_index]
+        shape = CompletionShape(self.model_name, req.return_token_ids, req.logprobs_k,
+                                rid=f"cmpl-{uuid.uuid4().hex}", echo=req.echo)
+        return await self.run(http, req, choices, prepared, shape)
 
 
 class ChatServing(OpenAIServing):
@@ -221,8 +256,9 @@ class ChatServing(OpenAIServing):
             raise
         except Exception as e:  # a chat template is code: its own refusals (e.g. role order) are input errors
             raise ApiError(400, f"the chat template refused these messages: {e}", param="messages") from e
-        shape = ChatShape(self.model_name, prompt_ids, req.return_token_ids, rid=f"chatcmpl-{uuid.uuid4().hex}")
-        return await self.generate(http, req, prompt_ids, None, shape)
+        choices, prepared = self.prepare(req, [prompt_ids], None)
+        shape = ChatShape(self.model_name, req.return_token_ids, req.logprobs_k, rid=f"chatcmpl-{uuid.uuid4().hex}")
+        return await self.run(http, req, choices, prepared, shape)
 
 
 async def read_json(request: Request, limit: int) -> bytes:
@@ -246,9 +282,17 @@ async def read_json(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def usage(job: Job) -> dict[str, int]:
-    n_in, n_out = len(job.handle.request.prompt_ids), job.handle.stats.generated_tokens
-    return {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}
+def usage(choices: list[ChoiceState]) -> dict[str, Any]:
+    """Summed over the choices; each prompt counted once however many choices it has (OpenAI's
+    and vLLM's rule), its cached tokens the fewest any of its choices found in the prefix cache."""
+    by_prompt: dict[int, list[ChoiceState]] = {}
+    for c in choices:
+        by_prompt.setdefault(c.prompt_index, []).append(c)
+    n_in = sum(len(cs[0].prompt_ids) for cs in by_prompt.values())
+    n_out = sum(c.job.handle.stats.generated_tokens for c in choices)
+    cached = sum(min(c.job.handle.stats.cached_tokens for c in cs) for cs in by_prompt.values())
+    return {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def mtad_stats(job: Job) -> dict[str, Any]:
@@ -258,7 +302,3 @@ def mtad_stats(job: Job) -> dict[str, Any]:
 def finish_reason(job: Job) -> str:
     reason = job.handle.stats.finish_reason
     return reason if reason in ("stop", "length") else "stop"
-
-
-def sse(obj: dict | str) -> str:
-    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, separators=(',', ':'))}\n\n"

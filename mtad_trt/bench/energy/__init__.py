@@ -1,7 +1,7 @@
 """Energy meters behind one small interface: NVML, Jetson INA3221, tegrastats, RAPL, or none.
 
 Why this exists: the MTAD paper's energy numbers come from polling `nvidia-smi` at about 1 Hz
-and summing every GPU on the node (spec/mtad.md §6.1, §7 item 6). Here each meter measures one
+and summing every GPU on the node (docs/algorithm.md §6.1, §7 item 6). Here each meter measures one
 window on one device, says exactly how (`method`, sampling rate), and `open_meter("auto")`
 falls back step by step. A meter that cannot measure says so plainly ("unavailable: <why>")
 instead of reporting 0 J.

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Serving under load on the default pair, as a user starts it (`mtad-trt serve ENGINES`: every
+# default — threads, max batch, prefix cache, the auto policy keeping MTAD's joint verification):
+# N streaming chat clients released at once, 48 tokens each, N = 1/4/8/16, for ar, sps and mtad;
+# the same with the prefix cache off; mtad with --throughput-first; and, at N = 4, a ~1,500-token
+# prompt arriving mid-run (the other streams' inter-token latency while it is prefilled). Each
+# level also records where the batch's time went (model calls per phase vs host work, /metrics).
+#
+#   bash scripts/bench_serving_load.sh [ENGINES] [OUT_DIR]
+#
+# Needs a quiet machine. One JSON per (config, decoder) in OUT_DIR (default docs/data/serving-load).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ENGINES=${1:-engines/qwen2.5-coder}
+OUT=${2:-docs/data/serving-load}
+PORT=${PORT:-8022}
+LEVELS=${LEVELS:-1,4,8,16}
+TOKENS=${TOKENS:-48}
+mkdir -p "$OUT"
+export TOKENIZERS_PARALLELISM=false
+
+run_config() {  # name, then "decoder[:levels[:long prompt tokens]]" entries, then -- serve flags...
+  local name=$1; shift
+  local runs=()
+  while [ "$1" != "--" ]; do runs+=("$1"); shift; done
+  shift
+  mtad-trt serve "$ENGINES" --port "$PORT" "$@" > "$OUT/$name.server.log" 2>&1 &
+  local pid=$!
+  trap 'kill $pid 2>/dev/null || true' EXIT
+  local t0=$SECONDS
+  until curl -sf "http://127.0.0.1:$PORT/health" > /dev/null; do
+    kill -0 $pid 2>/dev/null || { cat "$OUT/$name.server.log"; exit 1; }
+    sleep 1
+  done
+  echo "$name: up in $((SECONDS - t0)) s, VmRSS $(ps -o rss= -p $pid) KiB" | tee "$OUT/$name.memory.txt"
+  for run in "${runs[@]}"; do
+    IFS=: read -r d levels long <<< "$run"
+    python3 scripts/bench_serve.py --url "http://127.0.0.1:$PORT" --concurrency "${levels:-$LEVELS}" \
+      --requests 1 --max-tokens "$TOKENS" --ignore-eos --temperature 1 --chat \
+      --extra "{\"decoder\": \"$d\"}" --long-prompt-tokens "${long:-0}" \
+      --json "$OUT/$name.$d${long:+.long$long}.json" > "$OUT/$name.$d${long:+.long$long}.txt"
+    sed -n '1,6p' "$OUT/$name.$d${long:+.long$long}.txt"
+  done
+  echo "$name: VmRSS after the runs $(ps -o rss= -p $pid) KiB" | tee -a "$OUT/$name.memory.txt"
+  kill $pid; wait $pid 2>/dev/null || true
+  trap - EXIT
+}
+
+run_config defaults ar sps mtad ar:4:1500 mtad:4:1500 --
+run_config no-prefix-cache ar sps mtad -- --prefix-cache-mb 0
+run_config throughput-first mtad -- --throughput-first
