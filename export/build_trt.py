@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from mtad_trt.backends.kvcache import bucket_sizes
 from mtad_trt.backends.trt_plans import (
     PROFILE_DECODE,
     PROFILE_PREFILL,
@@ -36,8 +37,7 @@ from mtad_trt.backends.trt_plans import (
 )
 from mtad_trt.contract import ModelSpec
 from mtad_trt.errors import MtadError
-from mtad_trt.kvcache import bucket_sizes
-from mtad_trt.manifest import Manifest, RoleEntry, sha256_file
+from mtad_trt.folder.manifest import Manifest, RoleEntry, sha256_file
 
 log = logging.getLogger("mtad_trt")
 
@@ -210,10 +210,21 @@ def _flag_bits(enum: Any, names: list[str]) -> int:
 
 
 def _parser_error(err: Any) -> str:
-    """IParserError's description (`desc()`), with the failing node when TensorRT names it."""
+    """IParserError's description (`desc()`), with the failing node and its operator where TensorRT
+    names them (node_name / node_operator exist since 10.0), so the message says what to change."""
     desc = err.desc() if hasattr(err, "desc") else str(err)
     node = err.node_name() if hasattr(err, "node_name") else ""
-    return f"{node}: {desc}" if node else desc
+    op = err.node_operator() if hasattr(err, "node_operator") else ""
+    where = f"{node} ({op})" if node and op else node or op
+    return f"{where}: {desc}" if where else desc
+
+
+def _parser_errors(parser: Any, most: int = 5) -> str:
+    """The parser's first `most` errors and how many more, on one line however many nodes failed."""
+    count = int(parser.num_errors)
+    errors = "; ".join(_parser_error(parser.get_error(i)) for i in range(min(count, most)))
+    more = f" (and {count - most} more)" if count > most else ""
+    return f"{errors}{more}" if errors else "no details (see the TensorRT log above)"
 
 
 def _build_one(trt: Any, plan: RolePlan, timing_cache: Path, workspace_mb: int | None) -> tuple[Any, float]:
@@ -223,8 +234,7 @@ def _build_one(trt: Any, plan: RolePlan, timing_cache: Path, workspace_mb: int |
     parser = trt.OnnxParser(network, logger)
     # parse_from_file, not parse(bytes): the weights live in external data files next to the graph
     if not parser.parse_from_file(str(plan.onnx)):
-        errors = "; ".join(_parser_error(parser.get_error(i)) for i in range(parser.num_errors))
-        raise MtadError(f"TensorRT could not parse {plan.onnx}: {errors or 'no details'}")
+        raise MtadError(f"TensorRT could not parse {plan.onnx}: {_parser_errors(parser)}")
     config = builder.create_builder_config()
     if workspace_mb:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)

@@ -11,10 +11,12 @@ which is rewritten after every phase so a timed-out call still leaves what it me
   env      versions, GPU, whether `tensorrt` imports
   pytest   `pytest -m gpu` on the device tests
   torch    per model and dtype: CUDA graphs vs eager over T=1, 2, 1 with a prefill between decodes
-           and one bucket growth; step times per (rows, T), graphs off and on
+           and one bucket growth, at one row and at 4 rows of different lengths; step times per
+           (rows, T), graphs off and on, each timed step's logits compared between the two
   trt      where `tensorrt` imports: export (fp16), build, TensorRT eager vs ONNX Runtime on CPU,
-           TensorRT graphs vs TensorRT eager over the same sequence; step times
-  estimate first tokens/s per decoder: these step costs x acceptance measured on CPU
+           TensorRT graphs vs TensorRT eager over the same sequences (1 and 4 rows); step times
+  estimate first tokens/s per decoder: these step costs x tokens per target call measured on
+           CPU, read from the bench records docs/results.md cites (ACCEPTANCE_FILES)
 """
 
 from __future__ import annotations
@@ -37,10 +39,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# The default pair (shared/models.md, docs/results.md). Qwen2Config's own defaults are a 7B-class
+# The default pair (export/registry.py, docs/results.md). Qwen2Config's own defaults are a 7B-class
 # model (hidden 4096, 32 layers, 32 KV heads), so every shape field is set here. Upstream
-# config.json of both Qwen2.5-Coder models says tied embeddings; shared/models.md records the
-# 0.5B GGUF the project runs with a separate LM head, so the draft is built untied. The LM head
+# config.json of both Qwen2.5-Coder models says tied embeddings; the 0.5B GGUF the registry pins
+# carries a separate LM head (its converted folder's config says so), so the draft is built untied. The LM head
 # costs the same either way; only the weight memory differs.
 COMMON = {"max_position_embeddings": 32768, "rope_theta": 1e6, "rms_norm_eps": 1e-6, "hidden_act": "silu"}
 PAIR = {
@@ -59,25 +61,87 @@ MAX_DECODE_TOKENS = 32  # the runtime's default graph width
 TIME_BUCKET = 512
 SHAPES = [(1, 1), (1, 4), (1, 5), (1, 17), (4, 1), (4, 5)]  # (rows, T): decode, MTAD draft level, verify, MMTAD tree, batched
 
-# Acceptance measured on CPU (docs/results.md §3: int4 default pair, T=1, top-k 10, top-p 0.9, γ=4,
-# B=4, 10 prompts each; the per-request counts are in docs/data/{humaneval,prose}_bench.json, where
-# every speculative decoder made exactly 4 draft calls per target call).
-TOKENS_PER_TARGET_CALL = {
-    "humaneval": {"ar": 1.0, "sps": 4.24, "mtad": 4.33, "mmtad": 4.44},
-    "prose": {"ar": 1.0, "sps": 2.34, "mtad": 2.82, "mmtad": 3.45},
+# Tokens per target call measured on CPU: the bench records of docs/results.md §3 (issue 13: int4
+# default pair, T=1, top-k 10, top-p 0.9, γ=4, B=4; all 164 HumanEval problems, 40 prose openings x
+# 2 seeds). Read at start, not copied here, so the estimate follows the newest run the docs cite;
+# a rerun that replaces them updates these paths and docs/results.md together.
+ACCEPTANCE_FILES = {
+    "humaneval": "docs/data/issue13/humaneval-164/bench.json",
+    "prose": "docs/data/issue13/prose-40x2/bench.json",
 }
-GAMMA, BEAMS = 4, 4
-# Graph calls of one round (decoders/draft.py, sps.py, mtad.py): (model, rows, T) and sampled rows.
-ROUNDS = {
-    "ar": {"calls": [("target", 1, 1)], "sampled_rows": 1},
-    "sps": {"calls": [("draft", 1, 1)] * GAMMA + [("target", 1, GAMMA + 1)], "sampled_rows": GAMMA + GAMMA + 1},
-    "mtad": {"calls": [("draft", 1, 1)] + [("draft", 1, BEAMS)] * (GAMMA - 1) + [("target", 1, GAMMA + 1)],
-             "sampled_rows": 1 + BEAMS * (GAMMA - 1) + GAMMA + 1},
-    "mmtad": {"calls": [("draft", 1, 1)] + [("draft", 1, BEAMS)] * (GAMMA - 1) + [("target", 1, 1 + BEAMS * GAMMA)],
-              "sampled_rows": 1 + BEAMS * (GAMMA - 1) + 1 + BEAMS * GAMMA},
-}
+DECODERS = ("ar", "sps", "mtad", "mmtad")
+BATCH_ROWS = max(r for r, _ in SHAPES)  # the batched parity runs at the widest timed batch
 GRAPHS_VS_EAGER_TOL = 1e-2  # relative to max |logit|: same kernels, so any real difference is a bug
 TRT_VS_ORT_TOL = 5e-2  # fp16 plan vs ONNX Runtime's CPU kernels on the same fp16 graph (a first guess)
+
+
+class AcceptanceDataError(RuntimeError):
+    """The bench records the estimate reads are missing or do not hold what it needs."""
+
+
+def read_bench(path: Path) -> dict[str, Any]:
+    """One bench record (`mtad-trt bench`'s bench.json), or AcceptanceDataError saying what to do."""
+    if not path.is_file():
+        raise AcceptanceDataError(
+            f"missing {path}: the speed estimate reads tokens per target call from the bench records "
+            "docs/results.md cites (ACCEPTANCE_FILES in scripts/gpu_check.py); restore them "
+            "(`git checkout -- docs/data`) or leave `estimate` out of --phases")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise AcceptanceDataError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+
+
+def tokens_per_call(record: dict[str, Any], path: Path) -> dict[str, float]:
+    """{decoder: tokens per target call} for every decoder the estimate prices."""
+    results = record.get("results", {})
+    out = {}
+    for decoder in DECODERS:
+        value = results.get(decoder, {}).get("summary", {}).get("tokens_per_target_call")
+        if not isinstance(value, (int, float)) or value < 1:
+            raise AcceptanceDataError(f"{path} has no tokens_per_target_call for decoder {decoder!r} "
+                                      f"(decoders there: {', '.join(results) or 'none'})")
+        out[decoder] = float(value)
+    return out
+
+
+def load_acceptance(files: dict[str, str] | None = None, root: Path = ROOT) -> dict[str, Any]:
+    """Tokens per target call per prompt set and decoder, the γ and beam width they were measured
+    with (which fix the graph calls of a round), and where they came from."""
+    files = ACCEPTANCE_FILES if files is None else files
+    acc: dict[str, Any] = {"tokens_per_target_call": {}, "sources": {}}
+    shapes = set()
+    for prompts, rel in files.items():
+        path = root / rel
+        record = read_bench(path)
+        settings = record.get("settings", {})
+        shape = (settings.get("gamma"), settings.get("beam_width"))
+        if not all(isinstance(v, int) and v >= 1 for v in shape):
+            raise AcceptanceDataError(f"{path} records no gamma / beam_width settings")
+        shapes.add(shape)
+        acc["tokens_per_target_call"][prompts] = tokens_per_call(record, path)
+        acc["sources"][prompts] = {"path": rel, "created": record.get("created"), "n": settings.get("n"),
+                                   "seeds": settings.get("seeds"), "backend": record.get("backend")}
+    if len(shapes) != 1:
+        raise AcceptanceDataError(f"the bench records disagree on (gamma, beam_width): {sorted(shapes)}")
+    acc["gamma"], acc["beam_width"] = shapes.pop()
+    missing = {(r, t) for rnd in rounds(acc["gamma"], acc["beam_width"]).values() for _, r, t in rnd["calls"]} - set(SHAPES)
+    if missing:
+        raise AcceptanceDataError(f"γ={acc['gamma']}, B={acc['beam_width']} in the bench records need step shapes "
+                                  f"{sorted(missing)} that SHAPES does not time")
+    return acc
+
+
+def rounds(gamma: int, beams: int) -> dict[str, dict[str, Any]]:
+    """Graph calls of one round (decoders/draft.py, sps.py, mtad.py): (model, rows, T), and sampled rows."""
+    return {
+        "ar": {"calls": [("target", 1, 1)], "sampled_rows": 1},
+        "sps": {"calls": [("draft", 1, 1)] * gamma + [("target", 1, gamma + 1)], "sampled_rows": gamma + gamma + 1},
+        "mtad": {"calls": [("draft", 1, 1)] + [("draft", 1, beams)] * (gamma - 1) + [("target", 1, gamma + 1)],
+                 "sampled_rows": 1 + beams * (gamma - 1) + gamma + 1},
+        "mmtad": {"calls": [("draft", 1, 1)] + [("draft", 1, beams)] * (gamma - 1) + [("target", 1, 1 + beams * gamma)],
+                  "sampled_rows": 1 + beams * (gamma - 1) + 1 + beams * gamma},
+    }
 
 
 class Check:
@@ -135,7 +199,7 @@ def make_model(cfg: dict[str, Any], dtype: Any, device: str, layers: int | None 
 def sequence(runner: Any, vocab: int, seed: int = 0) -> list[np.ndarray]:
     """Decode T=1, 2, 1 with a prefill between decodes and one bucket growth: the steps that replay
     a graph after another key (and the other profile) ran. Returns each step's logits."""
-    from mtad_trt.rows import Row
+    from mtad_trt.backends.rows import Row
 
     rng = np.random.default_rng(seed)
     row, out = Row(runner), []
@@ -156,6 +220,39 @@ def sequence(runner: Any, vocab: int, seed: int = 0) -> list[np.ndarray]:
     return out
 
 
+def batched_sequence(runner: Any, vocab: int, rows: int = BATCH_ROWS, seed: int = 1) -> list[np.ndarray]:
+    """`rows` sequences stepped together, each keeping a different number of tokens per step, so
+    the rows differ in length and position: a prefill, T=1 (captured, replayed), T=5 verifies, T=2,
+    a bucket growth, T=1 again. The timed 4-row shapes (4x1, 4x5) are among them. Returns each
+    step's logits [rows, K, V] for the last K <= 4 tokens of every row."""
+    from mtad_trt.backends.rows import fill_row
+    from mtad_trt.contract import StepInputs, as_step_out
+
+    rng = np.random.default_rng(seed)
+    n, out = [0] * rows, []
+
+    def step(t: int, keep: list[int]) -> None:
+        s, k = runner.reserve(max(n) + t), min(t, 4)
+        inp = StepInputs.zeros(rows, t, k, s, window=runner.spec.window)
+        for r in range(rows):
+            fill_row(inp, r, n[r], rng.integers(0, vocab, t), None, None, range(t - k, t))
+        out.append(np.array(as_step_out(runner.step(inp), vocab).logits, copy=True))
+        for r in range(rows):  # a verify keeps a prefix of its chain: row r its first keep[r] tokens
+            runner.keep(r, np.arange(keep[r]), np.arange(n[r], n[r] + keep[r]))
+            n[r] += keep[r]
+
+    step(40, [40 - 3 * r for r in range(rows)])  # prefill (T > max_decode_tokens: uncaptured)
+    for t in (1, 1, 1):
+        step(t, [1] * rows)
+    for _ in range(2):
+        step(5, [1 + r % 5 for r in range(rows)])
+    step(2, [2] * rows)
+    runner.reserve(200)  # bucket growth 128 -> 256: new keys
+    for t in (1, 1, 1):
+        step(t, [1] * rows)
+    return out
+
+
 def compare(got: list[np.ndarray], want: list[np.ndarray]) -> dict[str, Any]:
     """max |Δ| over all steps, relative to max |want|, and greedy (top-1) agreement per logits row."""
     diff = max(float(np.abs(a - b).max()) for a, b in zip(got, want, strict=True))
@@ -166,11 +263,12 @@ def compare(got: list[np.ndarray], want: list[np.ndarray]) -> dict[str, Any]:
             "top1_agreement": float(top.mean()), "finite": finite, "steps": len(got)}
 
 
-def time_steps(runner: Any, rows: int, t: int, repeat: int) -> dict[str, float]:
+def time_steps(runner: Any, rows: int, t: int, repeat: int) -> tuple[dict[str, float], np.ndarray]:
     """ms per step() at bucket TIME_BUCKET (or the largest that fits): host copy-in, graph call or
-    replay, logits to the host and the stream synchronised — what a decoder waits for."""
-    from mtad_trt.contract import StepInputs
-    from mtad_trt.rows import fill_row
+    replay, logits to the host and the stream synchronised — what a decoder waits for. Also the
+    last timed step's logits, so graphs on can be compared with graphs off at every timed shape."""
+    from mtad_trt.backends.rows import fill_row
+    from mtad_trt.contract import StepInputs, as_step_out
 
     runner.reset()
     s = runner.reserve(min(TIME_BUCKET, runner.spec.max_seq_len))
@@ -180,29 +278,45 @@ def time_steps(runner: Any, rows: int, t: int, repeat: int) -> dict[str, float]:
         fill_row(inp, r, s // 2, rng.integers(0, runner.spec.vocab_size, t), None, None, range(t))
     for _ in range(3):  # warm-up, warm-up + capture, first replay
         runner.step(inp)
-    times = []
+    times, out = [], None
     for _ in range(repeat):
         t0 = time.perf_counter()
-        runner.step(inp)
+        out = runner.step(inp)
         times.append(1000 * (time.perf_counter() - t0))
-    return {"ms": statistics.median(times), "min_ms": min(times), "bucket": s}
+    logits = np.array(as_step_out(out, runner.spec.vocab_size).logits, copy=True)
+    return {"ms": statistics.median(times), "min_ms": min(times), "bucket": s}, logits
 
 
 def timings(make_runner: Any, repeat: int) -> dict[str, Any]:
-    """{"graphs_on"/"graphs_off": {"rows x T": {...}}}, one runner per (rows, graphs)."""
+    """{"graphs_on"/"graphs_off": {"rows x T": {...}}, "graphs_vs_eager": {"rows x T": compare}},
+    one runner per (rows, graphs); every timed step's logits, graphs on against graphs off."""
     out: dict[str, Any] = {}
+    logits: dict[bool, dict[str, np.ndarray]] = {False: {}, True: {}}
     for graphs in (False, True):
         table = {}
         for rows in sorted({r for r, _ in SHAPES}):
             runner = make_runner(rows, graphs)
             for r, t in SHAPES:
                 if r == rows:
-                    table[f"{r}x{t}"] = time_steps(runner, r, t, repeat)
+                    table[f"{r}x{t}"], logits[graphs][f"{r}x{t}"] = time_steps(runner, r, t, repeat)
             stats = getattr(runner, "graph_stats", {})
             table[f"graph_stats_rows{rows}"] = dict(stats)
             runner.close()
         out["graphs_on" if graphs else "graphs_off"] = table
+    out["graphs_vs_eager"] = {shape: compare([logits[True][shape]], [logits[False][shape]]) for shape in logits[False]}
     return out
+
+
+def require(check: Check, what: str, parity: dict[str, Any], tol: float) -> None:
+    """A failure when a comparison is non-finite or differs by more than `tol` (relative)."""
+    if not parity["finite"] or parity["rel_diff"] > tol:
+        finite = "" if parity["finite"] else " (non-finite logits)"
+        check.fail(f"{what} rel diff {parity['rel_diff']:.3g}{finite}")
+
+
+def require_timed(check: Check, what: str, steps: dict[str, Any]) -> None:
+    for shape, parity in steps["graphs_vs_eager"].items():
+        require(check, f"{what} timed step {shape}: graphs vs eager", parity, GRAPHS_VS_EAGER_TOL)
 
 
 # -- phases --------------------------------------------------------------------------------------
@@ -249,10 +363,11 @@ def phase_pytest(check: Check) -> dict[str, Any]:
 def phase_torch(check: Check, args: argparse.Namespace, role: str, dtype_name: str) -> dict[str, Any]:
     import torch
 
+    from mtad_trt.backends.device import TORCH_DTYPES
     from mtad_trt.backends.torch_backend import TorchRunner
     from mtad_trt.contract import spec_from_model
 
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype_name]
+    dtype = TORCH_DTYPES[dtype_name]
     if args.device == "cuda":
         torch.cuda.empty_cache()
     cfg = (TINY if args.device == "cpu" else PAIR)[role]
@@ -263,19 +378,27 @@ def phase_torch(check: Check, args: argparse.Namespace, role: str, dtype_name: s
         return TorchRunner(model, spec, device=args.device, batch=rows, dtype=dtype_name, cuda_graphs=graphs,
                            max_decode_tokens=MAX_DECODE_TOKENS)
 
+    what = f"torch {role} {dtype_name}"
     eager, graphed = make(1, False), make(1, True)
-    want = sequence(eager, spec.vocab_size)
-    got = sequence(graphed, spec.vocab_size)
-    parity = compare(got, want)
+    parity = compare(sequence(graphed, spec.vocab_size), sequence(eager, spec.vocab_size))
     stats = dict(graphed.graph_stats)
     eager.close()
     graphed.close()
-    if not parity["finite"] or parity["rel_diff"] > GRAPHS_VS_EAGER_TOL:
-        check.fail(f"torch {role} {dtype_name}: graphs vs eager rel diff {parity['rel_diff']:.3g}")
-    if stats.get("capture_failures"):
-        check.fail(f"torch {role} {dtype_name}: {stats['capture_failures']} capture failures")
+    eager, graphed = make(BATCH_ROWS, False), make(BATCH_ROWS, True)
+    batched = compare(batched_sequence(graphed, spec.vocab_size), batched_sequence(eager, spec.vocab_size))
+    batched_stats = dict(graphed.graph_stats)
+    eager.close()
+    graphed.close()
+    require(check, f"{what}: graphs vs eager", parity, GRAPHS_VS_EAGER_TOL)
+    require(check, f"{what}: {BATCH_ROWS} rows, graphs vs eager", batched, GRAPHS_VS_EAGER_TOL)
+    for label, st in (("", stats), (f" ({BATCH_ROWS} rows)", batched_stats)):
+        if st.get("capture_failures"):
+            check.fail(f"{what}: {st['capture_failures']} capture failures{label}")
+    steps = timings(make, args.repeat)
+    require_timed(check, what, steps)
     result = {"model": cfg["model"], "layers": cfg["num_hidden_layers"], "dtype": dtype_name,
-              "graphs_vs_eager": parity, "graph_stats": stats, "steps": timings(make, args.repeat)}
+              "graphs_vs_eager": parity, "graph_stats": stats, f"graphs_vs_eager_rows{BATCH_ROWS}": batched,
+              f"graph_stats_rows{BATCH_ROWS}": batched_stats, "steps": steps}
     return result  # the model goes with this frame; the next phase's empty_cache returns its memory
 
 
@@ -289,7 +412,7 @@ def phase_trt(check: Check, args: argparse.Namespace, role: str, work: Path) -> 
     from mtad_trt.contract import spec_from_model
     from mtad_trt.export.build_trt import build_plans
     from mtad_trt.export.role import export_onnx
-    from mtad_trt.manifest import Manifest, RoleEntry
+    from mtad_trt.folder.manifest import Manifest, RoleEntry
 
     cfg = (TINY if args.device == "cpu" else PAIR)[role]  # cpu: only under the test suite's fake tensorrt
     layers = args.trt_layers or cfg["num_hidden_layers"]
@@ -311,34 +434,39 @@ def phase_trt(check: Check, args: argparse.Namespace, role: str, work: Path) -> 
     def make(rows: int, graphs: bool) -> TrtRunner:
         return TrtRunner.from_folder(folder, manifest, role, batch=rows, cuda_graphs=graphs, device=args.device)
 
-    ort = OrtRunner(folder / role / "model.onnx", spec, threads=min(8, os.cpu_count() or 1))
-    ref = sequence(ort, spec.vocab_size)
-    ort.close()
-    eager, graphed = make(1, False), make(1, True)
-    trt_eager = sequence(eager, spec.vocab_size)
-    trt_graphs = sequence(graphed, spec.vocab_size)
-    vs_ort, vs_eager = compare(trt_eager, ref), compare(trt_graphs, trt_eager)
-    stats = dict(graphed.graph_stats)
-    contexts = graphed.contexts_created
-    eager.close()
-    graphed.close()
-    if not vs_ort["finite"] or vs_ort["rel_diff"] > TRT_VS_ORT_TOL:
-        check.fail(f"trt {role}: eager vs ONNX Runtime rel diff {vs_ort['rel_diff']:.3g}")
-    if not vs_eager["finite"] or vs_eager["rel_diff"] > GRAPHS_VS_EAGER_TOL:
-        check.fail(f"trt {role}: graphs vs eager rel diff {vs_eager['rel_diff']:.3g}")
-    if stats.get("capture_failures"):
-        check.fail(f"trt {role}: {stats['capture_failures']} capture failures")
+    parities: dict[str, Any] = {}
+    stats: dict[str, Any] = {}
+    contexts: dict[str, int] = {}  # the graphed runner's: one per graph key, plus one for the prefills
+    for rows, drive, suffix in ((1, sequence, ""), (BATCH_ROWS, batched_sequence, f"_rows{BATCH_ROWS}")):
+        ort = OrtRunner(folder / role / "model.onnx", spec, threads=min(8, os.cpu_count() or 1), batch=rows)
+        ref = drive(ort, spec.vocab_size)
+        ort.close()
+        eager, graphed = make(rows, False), make(rows, True)
+        trt_eager = drive(eager, spec.vocab_size)
+        parities[f"eager_vs_ort_cpu{suffix}"] = compare(trt_eager, ref)
+        parities[f"graphs_vs_eager{suffix}"] = compare(drive(graphed, spec.vocab_size), trt_eager)
+        stats[f"graph_stats{suffix}"] = dict(graphed.graph_stats)
+        contexts[f"contexts{suffix}"] = graphed.contexts_created
+        eager.close()
+        graphed.close()
+    for key, parity in parities.items():
+        tol = TRT_VS_ORT_TOL if key.startswith("eager_vs_ort") else GRAPHS_VS_EAGER_TOL
+        require(check, f"trt {role}: {key.replace('_', ' ')}", parity, tol)
+    for key, st in stats.items():
+        if st.get("capture_failures"):
+            check.fail(f"trt {role}: {st['capture_failures']} capture failures ({key})")
+    steps = timings(make, args.repeat)
+    require_timed(check, f"trt {role}", steps)
     return {"model": cfg["model"], "layers": layers, "full_depth": layers == cfg["num_hidden_layers"],
             "dtype": "float16", "tensorrt": entry["tensorrt_version"], "export_s": round(export_s, 1),
             "build_s": round(build_s, 1), "decode_opt_tokens": args.decode_opt_tokens,
-            "eager_vs_ort_cpu": vs_ort, "graphs_vs_eager": vs_eager, "graph_stats": stats,
-            "contexts": contexts, "steps": timings(make, args.repeat)}
+            **parities, **stats, **contexts, "steps": steps}
 
 
 def host_sampling_ms(vocab: int, repeat: int = 20) -> float:
     """ms to turn one row of logits into probabilities with the default settings (host work per row)."""
-    from mtad_trt.params import SamplingParams
-    from mtad_trt.sampling import process
+    from mtad_trt.engine.params import SamplingParams
+    from mtad_trt.engine.sampling import process
 
     logits = np.random.default_rng(0).normal(size=(1, vocab)).astype(np.float32)
     sp = SamplingParams()
@@ -350,9 +478,10 @@ def host_sampling_ms(vocab: int, repeat: int = 20) -> float:
     return statistics.median(times)
 
 
-def estimate(check: Check, args: argparse.Namespace) -> dict[str, Any]:
-    """tokens/s per decoder = tokens per target call (CPU acceptance) / cost of one round, where a
-    round's cost sums its graph calls' measured step times (graphs on) and its host sampling."""
+def estimate(check: Check, args: argparse.Namespace, acceptance: dict[str, Any]) -> dict[str, Any]:
+    """tokens/s per decoder = tokens per target call (CPU acceptance, `load_acceptance`) / cost of
+    one round, where a round's cost sums its graph calls' measured step times (graphs on) and its
+    host sampling."""
     phases = check.data["phases"]
     vocab = (TINY if args.device == "cpu" else PAIR)["target"]["vocab_size"]
     proc = host_sampling_ms(vocab)
@@ -364,12 +493,12 @@ def estimate(check: Check, args: argparse.Namespace) -> dict[str, Any]:
     d, t = phases.get("trt/draft", {}), phases.get("trt/target", {})
     if d.get("full_depth") and t.get("full_depth"):
         sources["trt fp16"] = {"draft": d["steps"]["graphs_on"], "target": t["steps"]["graphs_on"]}
-    table: dict[str, Any] = {"host_sampling_ms_per_row": proc, "rows": []}
+    table: dict[str, Any] = {"host_sampling_ms_per_row": proc, "acceptance": acceptance, "rows": []}
     for name, steps in sources.items():
-        for decoder, rnd in ROUNDS.items():
+        for decoder, rnd in rounds(acceptance["gamma"], acceptance["beam_width"]).items():
             gpu_ms = sum(steps[model][f"{r}x{w}"]["ms"] for model, r, w in rnd["calls"])
             round_ms = gpu_ms + proc * rnd["sampled_rows"]
-            for prompts, acc in TOKENS_PER_TARGET_CALL.items():
+            for prompts, acc in acceptance["tokens_per_target_call"].items():
                 table["rows"].append({"backend": name, "decoder": decoder, "prompts": prompts,
                                       "tokens_per_target_call": acc[decoder], "graph_ms_per_round": round(gpu_ms, 3),
                                       "round_ms": round(round_ms, 3), "tokens_per_s": round(1000 * acc[decoder] / round_ms, 1)})
@@ -379,8 +508,9 @@ def estimate(check: Check, args: argparse.Namespace) -> dict[str, Any]:
 
 def print_estimate(table: dict[str, Any], args: argparse.Namespace) -> None:
     note = " (DRY RUN on CPU with tiny models: not a GPU estimate)" if args.device == "cpu" else ""
+    sources = ", ".join(src["path"] for src in table["acceptance"]["sources"].values())
     print(f"\nFirst GPU speed estimate{note}: step times measured here (graphs on, bucket {TIME_BUCKET}) x tokens per")
-    print("target call measured on CPU (docs/results.md §3); host sampling "
+    print(f"target call measured on CPU (docs/results.md §3: {sources}); host sampling "
           f"{table['host_sampling_ms_per_row']:.2f} ms/row included.")
     print(f"{'backend':<14}{'decoder':<8}{'prompts':<11}{'tok/call':>9}{'graph ms':>10}{'round ms':>10}{'tok/s':>9}")
     for r in table["rows"]:
@@ -416,6 +546,13 @@ def main() -> int:
     args.dtypes = (args.dtypes or ("float32" if dry else "float16,bfloat16")).split(",")
     args.repeat = args.repeat or (3 if dry else 30)
     phases = set(args.phases.split(","))
+    acceptance = None
+    if "estimate" in phases:  # before any GPU time is spent: the estimate cannot run without it
+        try:
+            acceptance = load_acceptance()
+        except AcceptanceDataError as e:
+            print(f"gpu_check: {e}", file=sys.stderr, flush=True)
+            return 2
     if dry:
         import torch
 
@@ -441,8 +578,8 @@ def main() -> int:
             run_trt(check, args, phases, env, dry)
     if not torch_dtypes:
         run_trt(check, args, phases, env, dry)
-    if "estimate" in phases:
-        check.phase("estimate", estimate, check, args)
+    if acceptance is not None:
+        check.phase("estimate", estimate, check, args, acceptance)
     check.save()
     print(f"\nwrote {check.path}; failures: {len(check.data['failures'])}", flush=True)
     for f in check.data["failures"]:

@@ -2,7 +2,8 @@
 # The GPU check of docs/gpu.md, in one call of under ten minutes on a lent GPU machine:
 #   bash scripts/gpu_check.sh                      # writes $OUT/gpu_check.json and $OUT/gpu_check.log
 #   bash scripts/gpu_check.sh --device cpu         # dry run (torch path, tiny models): known to start
-# Extra arguments go to scripts/gpu_check.py (--help lists them).
+# Extra arguments go to scripts/gpu_check.py (--help lists them). It exits 2 before any phase when
+# the bench records its speed estimate reads (docs/data/issue13/*/bench.json) are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu-check-out}"

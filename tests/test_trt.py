@@ -4,9 +4,12 @@ The pure parts (profiles, flag choice, refusals, plan compatibility) are tested 
 orchestration (`build_plans`, `TrtRunner`) runs against a fake `tensorrt` module that executes
 the plan with ONNX Runtime through the addresses the runner binds, and is strict where
 TensorRT's documentation is (docs/gpu.md): it refuses a graph replay on a context whose state
-changed since capture, an enqueue on stream 0, an address that is not 256-byte aligned, and an
-output that would not fit its buffer. What this cannot show is that real TensorRT accepts the
-graph and the calls; see docs/gpu.md and scripts/gpu_check.sh.
+changed since capture, an enqueue on stream 0, an address that is not 256-byte aligned, an input
+or output that would not fit its buffer, and a capture on a context that has not run uncaptured
+since its state last changed. It fails the way TensorRT does, by return value: a parser that
+reports its errors through `get_error`, `deserialize_cuda_engine` and `create_execution_context`
+returning None. What this cannot show is that real TensorRT accepts the graph and the calls; see
+docs/gpu.md and scripts/gpu_check.sh.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import bisect
 import ctypes
 import enum
 import json
+import re
 import sys
 import types
 from collections.abc import Callable
@@ -31,13 +35,13 @@ import mtad_trt.backends.trt as trt_backend
 import mtad_trt.backends.trt_plans as trt_plans
 import mtad_trt.export.build_trt as build_trt
 from mtad_trt.backends.ort import OrtRunner
+from mtad_trt.backends.rows import Row
 from mtad_trt.backends.trt import TrtRunner
 from mtad_trt.backends.trt_plans import check_plan_compat, import_tensorrt, select_plan, usable_plans
 from mtad_trt.contract import ModelSpec
 from mtad_trt.errors import BackendUnavailable, EngineFolderError, MtadError
 from mtad_trt.export.build_trt import build_plans, choose_flags, plan_profiles, plan_role
-from mtad_trt.manifest import Manifest, RoleEntry
-from mtad_trt.rows import Row
+from mtad_trt.folder.manifest import Manifest, RoleEntry
 
 ORIN = ("10.3.0", "Orin", "8.7")
 H100 = ("10.7.0", "NVIDIA H100 80GB HBM3", "9.0")
@@ -161,7 +165,7 @@ def test_tensorrt_missing_is_one_clear_line(monkeypatch, tmp_path) -> None:
 # -- a strict fake TensorRT, executed by ONNX Runtime -----------------------------------------
 # Each rule is a documented TensorRT requirement (docs/gpu.md, "TensorRT facts"); a test may switch
 # rules off to show one of them at a time.
-RULES = frozenset({"replay", "stream", "align", "outputs"})
+RULES = frozenset({"replay", "stream", "align", "outputs", "inputs", "warm"})
 ALIGN = 256
 
 DataType = enum.Enum("DataType", "FLOAT HALF BF16 INT32 INT64 BOOL INT8 UINT8")
@@ -176,7 +180,8 @@ ORT_TYPES = {"tensor(float)": (DataType.FLOAT, np.float32), "tensor(float16)": (
 
 class FakeState:
     """What the fake knows beyond one context: enabled rules, an open capture, the live torch
-    allocations (so an output's buffer size can be checked before writing into it), the API level."""
+    allocations (so a buffer's size can be checked before reading or writing it), the API level,
+    and the failures a test asks for (operators the parser rejects, a limit on contexts)."""
 
     def __init__(self) -> None:
         self.rules: set[str] = set(RULES)
@@ -186,6 +191,9 @@ class FakeState:
         self.api = "10.1"  # "10.0": no device_memory_size_v2 / set_device_memory
         self.refusals: list[str] = []
         self.contexts: list[FakeContext] = []
+        self.unsupported_ops: set[str] = set()  # ONNX operators the parser reports as errors
+        self.max_contexts: int | None = None  # per engine; past it create_execution_context returns None
+        self.log: list[str] = []  # what TensorRT would have logged for a failure it reports by return value
 
     def refuse(self, why: str) -> bool:
         print(f"fake tensorrt refused: {why}")  # shown with a failing test's captured output
@@ -211,6 +219,16 @@ class FakeState:
         except RuntimeError:  # a FakeTensor (an ONNX export traces with them): no memory
             pass
 
+    def record_buffer(self, t: torch.Tensor) -> None:
+        """An aligned buffer carved out of a larger allocation: its own extent, not the allocation's
+        (whose alignment slack would let a too-large read or write pass unnoticed)."""
+        self.allocations[t.data_ptr()] = (t, t.numel() * t.element_size())
+        self._starts = None
+
+    def room(self, ptr: int, shape: tuple[int, ...], dtype) -> tuple[int, int | None]:
+        """(bytes a tensor of `shape` needs at `ptr`, bytes its buffer has there or None)."""
+        return int(np.prod(shape)) * np.dtype(dtype).itemsize, self.extent(ptr)
+
 
 STATE = FakeState()
 
@@ -232,13 +250,50 @@ class FakeNetwork:
         self.flags, self.onnx = flags, None
 
 
+class FakeParserError:
+    """TensorRT 10's IParserError: desc(), and the failing node's name and operator."""
+
+    def __init__(self, desc: str, node: str = "", op: str = "") -> None:
+        self._desc, self._node, self._op = desc, node, op
+
+    def desc(self) -> str:
+        return self._desc
+
+    def node_name(self) -> str:
+        return self._node
+
+    def node_operator(self) -> str:
+        return self._op
+
+
 class FakeParser:
+    """Reads the graph (not its weights); each node whose operator is in STATE.unsupported_ops is an
+    error, reported as TensorRT does: parse_from_file returns False, get_error(i) says why."""
+
     def __init__(self, network: FakeNetwork, logger: Logger) -> None:
-        self.network, self.num_errors = network, 0
+        self.network, self.errors = network, []
+
+    @property
+    def num_errors(self) -> int:
+        return len(self.errors)
+
+    def get_error(self, index: int) -> FakeParserError:
+        return self.errors[index]
+
+    def clear_errors(self) -> None:
+        self.errors = []
 
     def parse_from_file(self, path: str) -> bool:
+        import onnx
+
         self.network.onnx = path
-        return Path(path).is_file()
+        if not Path(path).is_file():
+            self.errors.append(FakeParserError(f"Failed to open file: {path}"))
+            return False
+        graph = onnx.load(path, load_external_data=False).graph
+        self.errors += [FakeParserError(f"No importer registered for op: {n.op_type}", n.name, n.op_type)
+                        for n in graph.node if n.op_type in STATE.unsupported_ops]
+        return not self.errors
 
 
 class FakeProfile:
@@ -337,7 +392,11 @@ class FakeEngine:
     def get_tensor_profile_shape(self, name: str, profile_index: int) -> list[tuple[int, ...]]:
         return [tuple(d) for d in self.plan["profiles"][profile_index][name]]
 
-    def create_execution_context(self, strategy=ExecutionContextAllocationStrategy.STATIC) -> FakeContext:
+    def create_execution_context(self, strategy=ExecutionContextAllocationStrategy.STATIC) -> FakeContext | None:
+        mine = sum(c.engine is self for c in STATE.contexts)
+        if STATE.max_contexts is not None and mine >= STATE.max_contexts:
+            STATE.log.append("createExecutionContext: out of memory")  # TensorRT logs it and returns None
+            return None
         ctx = (FakeContextV2 if isinstance(self, FakeEngineV2) else FakeContext)(self, strategy)
         STATE.contexts.append(ctx)
         return ctx
@@ -363,6 +422,7 @@ class FakeContext:
         self.streams: set[int] = set()
         self.version = 0
         self.executions = 0
+        self.plain_version: int | None = None  # the state of the last uncaptured enqueue
 
     @property
     def device_memory(self) -> None:
@@ -426,20 +486,30 @@ class FakeContext:
                    (self.engine.io[n][0] == TensorIOMode.INPUT and n not in self.shapes)]
         if missing:
             return STATE.refuse(f"no shape or address for {missing[:3]}")
-        if "outputs" in STATE.rules:
-            for name, (mode, _, dt) in self.engine.io.items():
-                if mode != TensorIOMode.OUTPUT:
-                    continue
-                need = int(np.prod(self.get_tensor_shape(name))) * np.dtype(dt).itemsize
-                room = STATE.extent(self.addresses[name])
-                if room is None or room < need:
-                    return STATE.refuse(f"output {name} needs {need} bytes; its buffer has {room}")
+        too_small = self.buffer_problem()
+        if too_small:
+            return STATE.refuse(too_small)
+        if STATE.capturing is not None and "warm" in STATE.rules and self.plain_version != self.version:
+            return STATE.refuse("capture before an uncaptured enqueue of this context in its current state "
+                                "(TensorRT needs one execute_async_v3 first)")
         state = (dict(self.shapes), dict(self.addresses))
         if STATE.capturing is not None:  # recorded, not run: a graph replays it later
             STATE.capturing.append((self, self.version, state))
             return True
         self.run(*state)
+        self.plain_version = self.version
         return True
+
+    def buffer_problem(self) -> str | None:
+        """Rules "inputs" and "outputs": each tensor's bytes at this shape fit its buffer."""
+        for name, (mode, _, dt) in self.engine.io.items():
+            kind = "input" if mode == TensorIOMode.INPUT else "output"
+            if f"{kind}s" not in STATE.rules:
+                continue
+            need, room = STATE.room(self.addresses[name], self.get_tensor_shape(name), dt)
+            if room is None or room < need:
+                return f"{kind} {name} needs {need} bytes; its buffer has {room}"
+        return None
 
     def run(self, shapes: dict, addresses: dict) -> None:
         io, sess = self.engine.io, self.engine.session
@@ -459,8 +529,14 @@ class Runtime:
     def __init__(self, logger: Logger) -> None:
         pass
 
-    def deserialize_cuda_engine(self, data: bytes) -> FakeEngine:
-        return (FakeEngine if STATE.api == "10.0" else FakeEngineV2)(json.loads(data))
+    def deserialize_cuda_engine(self, data: bytes) -> FakeEngine | None:
+        """None for bytes that are not a plan: TensorRT logs the reason and returns None, never raises."""
+        try:
+            plan = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            STATE.log.append("IRuntime::deserializeCudaEngine: Error Code 1: Serialization (magic tag does not match)")
+            return None
+        return (FakeEngine if STATE.api == "10.0" else FakeEngineV2)(plan)
 
 
 class OnnxParser(FakeParser):
@@ -518,7 +594,7 @@ def fake_trt(monkeypatch):
     monkeypatch.setattr(trt_plans, "machine_info", lambda trt: tuple(machine))
     monkeypatch.setattr(build_trt, "machine_info", lambda trt: tuple(machine))
     STATE.__init__()
-    for factory in ("zeros", "empty"):  # record torch allocations: the fake checks output buffer sizes
+    for factory in ("zeros", "empty"):  # record torch allocations: the fake checks buffer sizes
         real = getattr(torch, factory)
 
         def recording(*args, _real=real, **kwargs):
@@ -527,6 +603,14 @@ def fake_trt(monkeypatch):
             return t
 
         monkeypatch.setattr(torch, factory, recording)
+    real_aligned = trt_backend.aligned_zeros
+
+    def aligned(*args, **kwargs):  # the runner's step buffers: each with its exact size
+        t = real_aligned(*args, **kwargs)
+        STATE.record_buffer(t)
+        return t
+
+    monkeypatch.setattr(trt_backend, "aligned_zeros", aligned)
     yield machine  # tests may change the machine's identity in place
     STATE.__init__()
 
@@ -666,14 +750,127 @@ def test_graphs_off_share_one_context_per_profile(fake_trt, tiny, ort_t121) -> N
     assert sorted(c.switches for c in STATE.contexts) == [[0], [1]]  # rebound per step, never switched
 
 
-def test_rule_output_shapes_match_buffers(fake_trt, tiny) -> None:
-    """Item 4: a plan whose outputs drifted from the manifest's contract is refused before it writes."""
+def drifted_runner(folder: Path) -> TrtRunner:
+    """A runner whose manifest says vocab 296 where the plan's graph gives 300 (item 4)."""
+    entry = build(folder)
+    return TrtRunner(folder / entry["path"], replace(SPEC, vocab_size=296), entry, device="cpu",
+                     capturer=FakeTrtCapturer())
+
+
+def test_rule_output_shapes_match_buffers(fake_trt, tiny, monkeypatch) -> None:
+    """Item 4, the fake's rule: with the runner's own shape check bypassed, TensorRT (the fake) is
+    asked to write 300 logits into a 296-logit buffer and refuses, so nothing is written."""
     STATE.rules = {"outputs"}
-    entry = build(tiny[0])
-    drifted = replace(SPEC, vocab_size=296)  # the manifest says 296, the plan's graph gives 300
-    engine = TrtRunner(tiny[0] / entry["path"], drifted, entry, device="cpu", capturer=FakeTrtCapturer())
+    engine = drifted_runner(tiny[0])
+    monkeypatch.setattr(TrtRunner, "_check_output_shapes", lambda self, ctx, outputs: None)
+    with pytest.raises(MtadError, match="execute_async_v3 failed"):
+        Row(engine).forward([1, 2, 3])
+    assert STATE.refusals == [f"output logits needs {300 * 4} bytes; its buffer has {296 * 4}"]
+    assert all(c.executions == 0 for c in STATE.contexts)
+
+
+def test_runner_refuses_outputs_that_drifted_from_the_manifest(fake_trt, tiny) -> None:
+    """Item 4, the runner's own check: it compares the shapes TensorRT infers with its buffers
+    before binding, and says what to do, before the fake's rule could refuse."""
+    engine = drifted_runner(tiny[0])
     with pytest.raises(EngineFolderError, match=r"plan output logits has shape \(1, 1, 300\) .* gives \(1, 1, 296\)"):
         Row(engine).forward([1, 2, 3])
+    assert STATE.refusals == []
+
+
+def test_rule_input_buffers_hold_their_shapes(fake_trt, tiny, ort_t121) -> None:
+    """Every input's shape is its buffer's (the KV cache: the first B rows of each layer's view)."""
+    STATE.rules = {"inputs"}
+    build(tiny[0])
+    engine = runner(tiny[0])
+    assert_same_logits(t121(engine), ort_t121)
+    assert STATE.refusals == []
+
+
+def test_runner_refuses_a_strided_input(fake_trt, tiny) -> None:
+    """TensorRT reads dense memory at an address: a strided view would be read as other elements."""
+    build(tiny[0])
+    engine = runner(tiny[0])
+    Row(engine).forward([1])
+    view = engine.cache.views[1]
+    engine.cache.views[1] = engine.cache.flat[1][:2 * view.numel()].view(*view.shape[:-1], -1)[..., ::2]
+    assert engine.cache.views[1].shape == view.shape and engine.cache.views[1].data_ptr() == view.data_ptr()
+    engine.runner.clear()
+    with pytest.raises(MtadError, match=r"past_key_values.0.value is not contiguous"):
+        Row(engine).forward([1])
+
+
+def test_rule_capture_after_an_uncaptured_enqueue(fake_trt, tiny, ort_t121) -> None:
+    """Each graph key's context runs once uncaptured (the runner's warm-up) before its capture."""
+    STATE.rules = {"warm"}
+    build(tiny[0])
+    engine = runner(tiny[0])
+    assert_same_logits(t121(engine), ort_t121)
+    assert STATE.refusals == [] and engine.graph_stats["capture_failures"] == 0
+    assert engine.graph_stats["graphs_captured"] >= 3
+
+
+class CapturesWithoutWarmup(FakeTrtCapturer):
+    """A runner that skipped the plain run: its "warm-up" is recorded, never executed."""
+
+    def warmup(self, fn: Callable[[], Any]) -> Any:
+        return self.capture(fn)[1]
+
+
+def test_rule_capture_after_an_uncaptured_enqueue_can_fail(fake_trt, tiny) -> None:
+    STATE.rules = {"warm"}
+    build(tiny[0])
+    engine = runner(tiny[0], capturer=CapturesWithoutWarmup())
+    row = Row(engine)
+    row.forward(list(range(8)))  # T=8 > max_decode_tokens: prefill, never captured
+    row.commit_chain(8)
+    with pytest.raises(MtadError, match="execute_async_v3 failed"):
+        row.forward([1])
+    assert "capture before an uncaptured enqueue" in STATE.refusals[-1]
+
+
+def test_parse_errors_name_the_nodes(fake_trt, tiny) -> None:
+    """TensorRT's parser reports by return value and get_error(i): the build names node and operator."""
+    folder = tiny[0]
+    manifest = (folder / "manifest.json").read_text()
+    STATE.unsupported_ops = {"Softmax"}
+    with pytest.raises(MtadError, match=r"could not parse .*model\.onnx: node_\w+ \(Softmax\): No importer "
+                                        r"registered for op: Softmax; node_\w+ \(Softmax\): [^;]*$"):
+        build(folder)
+    STATE.unsupported_ops = {"Mul"}  # many nodes: the first five, and how many more
+    with pytest.raises(MtadError, match=r": (node_\w+ \(Mul\): [^;]*; ){4}node_\w+ \(Mul\): [^;]* \(and \d+ more\)$"):
+        build(folder)
+    assert (folder / "manifest.json").read_text() == manifest and not list(folder.glob("target/.model.plan*"))
+
+
+def test_a_plan_tensorrt_cannot_load_is_a_clear_refusal(fake_trt, tiny) -> None:
+    """deserialize_cuda_engine returns None (a corrupt or foreign plan): the plan and the rebuild are named."""
+    folder = tiny[0]
+    build(folder)
+    plan = folder / "target" / "model.plan"
+    good = plan.read_bytes()
+    plan.write_bytes(b"\x00\x01 not a plan")
+    try:
+        with pytest.raises(EngineFolderError, match=f"could not load the plan {re.escape(str(plan))} .*rebuild it "
+                                                    f"with `mtad-trt build {re.escape(str(folder))} --precision fp32"):
+            runner(folder)
+    finally:
+        plan.write_bytes(good)
+    assert "Serialization" in STATE.log[-1]
+
+
+def test_no_execution_context_is_a_clear_refusal(fake_trt, tiny) -> None:
+    """create_execution_context returns None (GPU memory): the plan, the cause and the fixes are named."""
+    build(tiny[0])
+    STATE.max_contexts = 1
+    engine = runner(tiny[0])
+    row = Row(engine)
+    row.forward(list(range(8)))  # the prefill context
+    row.commit_chain(8)
+    with pytest.raises(BackendUnavailable, match=r"could not create execution context 2 of the plan .*model\.plan "
+                                                 r".*out of memory.*`mtad-trt build .* --precision fp32"):
+        row.forward([1])  # a decode key: a context of its own
+    assert STATE.log == ["createExecutionContext: out of memory"]
 
 
 def test_manifest_profiles_must_match_the_plan(fake_trt, tiny) -> None:
@@ -705,6 +902,14 @@ def test_device_memory_api_of_tensorrt_10_0(fake_trt, tiny, ort_logits) -> None:
     assert all(c.memory is not None for c in STATE.contexts)
 
 
+def bind_all(ctx: FakeContext, ptr: int) -> None:
+    """Every input at its profile's max shape and every tensor at `ptr`."""
+    for name in ctx.engine.io:
+        if ctx.engine.io[name][0] == TensorIOMode.INPUT:
+            assert ctx.set_input_shape(name, ctx.engine.plan["profiles"][ctx.profile][name][2])
+        assert ctx.set_tensor_address(name, ptr)
+
+
 def test_the_strict_fake_can_fail(fake_trt, tiny) -> None:
     """Negative controls: each rule refuses what it should when used directly."""
     entry = build(tiny[0])
@@ -718,6 +923,12 @@ def test_the_strict_fake_can_fail(fake_trt, tiny) -> None:
     assert not ctx.execute_async_v3(7) and "without device memory" in STATE.refusals[-1]
     ctx.set_device_memory(base, 4096)
     assert not ctx.execute_async_v3(7) and "no shape or address" in STATE.refusals[-1]
+    bind_all(ctx, base)  # every tensor at one 1024-byte buffer: shapes that need more
+    assert not ctx.execute_async_v3(7)  # input_ids, position_ids (64 int64s) fit; the [1, 1, 64, 364] mask does not
+    assert STATE.refusals[-1] == f"input attention_mask needs {64 * 364} bytes; its buffer has {1024 - (base - buf.data_ptr())}"
+    STATE.rules, STATE.capturing = {"warm"}, []  # buffers unchecked: a capture is refused for want of a plain run
+    assert not ctx.execute_async_v3(7) and "before an uncaptured enqueue" in STATE.refusals[-1]
+    STATE.rules = set(RULES)
     STATE.capturing = [(ctx, ctx.version, ({}, {}))]
     graph = FakeTrtGraph(STATE.capturing)
     STATE.capturing = None
@@ -791,4 +1002,9 @@ def test_gpu_check_trt_phase_runs_with_fake_tensorrt(fake_trt, tmp_path) -> None
     assert out["full_depth"] and out["dtype"] == "float16" and out["decode_opt_tokens"] == 1
     assert out["eager_vs_ort_cpu"]["rel_diff"] < 1e-3 and out["eager_vs_ort_cpu"]["steps"] == 19
     assert out["graphs_vs_eager"]["max_abs_diff"] == 0 and out["contexts"] == 2
+    # the batched rows too: four rows of different lengths against ONNX Runtime with four rows
+    assert out["eager_vs_ort_cpu_rows4"]["rel_diff"] < 1e-3 and out["eager_vs_ort_cpu_rows4"]["steps"] == 10
+    assert out["graphs_vs_eager_rows4"]["max_abs_diff"] == 0 and "graph_stats_rows4" in out  # no graphs on CPU
     assert set(out["steps"]["graphs_on"]) >= {"1x1", "1x17", "4x5"}
+    timed = out["steps"]["graphs_vs_eager"]  # every timed step, graphs on against graphs off
+    assert set(timed) == {"1x1", "1x4", "1x5", "1x17", "4x1", "4x5"} and all(p["max_abs_diff"] == 0 for p in timed.values())

@@ -1,4 +1,4 @@
-"""TensorRT backend: a built plan per role, buffers as torch CUDA tensors (engine-contract §4, §7).
+"""TensorRT backend: a built plan per role, buffers as torch CUDA tensors (docs/graph-contract.md §4, §7).
 
 Which plan may run here is `trt_plans`' job. A CUDA graph is valid only for the state of the
 execution context it was captured under (shapes, addresses, profile), so each graph key gets a
@@ -17,7 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from mtad_trt.backends.cuda_graphs import Capturer, GraphRunner, StaticInputs, TorchCudaCapturer
 from mtad_trt.backends.device import DTYPE_NAMES, HostLogits, StreamRunner, on_stream, runner_stream
+from mtad_trt.backends.kvcache import ALIGN_BYTES, TorchKVCache, aligned_zeros
 from mtad_trt.backends.trt_plans import (
     PROFILE_DECODE,
     PROFILE_PREFILL,
@@ -41,10 +43,8 @@ from mtad_trt.contract import (
     StepOut,
     check_step,
 )
-from mtad_trt.cuda_graphs import Capturer, GraphRunner, StaticInputs, TorchCudaCapturer
 from mtad_trt.errors import BackendUnavailable, EngineFolderError, MtadError
-from mtad_trt.kvcache import ALIGN_BYTES, TorchKVCache, aligned_zeros
-from mtad_trt.manifest import Manifest
+from mtad_trt.folder.manifest import Manifest
 
 STEP_DTYPES = {name: {np.int64: torch.int64, np.bool_: torch.bool}[dt] for name, dt in STEP_INPUTS.items()}
 STEP_DTYPES[SLIDING_MASK] = torch.bool
@@ -113,11 +113,10 @@ class TrtRunner(StreamRunner):
         if not plan_path.is_file():
             raise EngineFolderError(f"missing TensorRT plan {plan_path}: rebuild it with `{self._rebuild}`")
         self._trt = trt
+        self.plan_path = plan_path
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
-        self.cuda_engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
-        if self.cuda_engine is None:
-            raise EngineFolderError(f"TensorRT could not load {plan_path} (see its log above); rebuild it with `{self._rebuild}`")
+        self.cuda_engine = self._deserialize(plan_path)
         self.name = "trt"
         self.batch = batch
         self.plan = plan
@@ -163,6 +162,16 @@ class TrtRunner(StreamRunner):
             raise EngineFolderError(reasons[0])
         return cls(Path(folder) / plan["path"], entry.spec, plan, **kwargs)
 
+    def _deserialize(self, plan_path: Path) -> Any:
+        """The engine, or a refusal: TensorRT returns None (and logs why) rather than raising."""
+        engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
+        if engine is None:
+            raise EngineFolderError(
+                f"TensorRT could not load the plan {plan_path} (see its log above: a truncated or corrupt "
+                f"file, or one from another TensorRT build); rebuild it with `{self._rebuild}`"
+            )
+        return engine
+
     def _io_tensors(self) -> dict[str, tuple[bool, torch.dtype]]:
         """name -> (is input, torch dtype), checked against the graph contract."""
         trt, eng = self._trt, self.cuda_engine
@@ -204,8 +213,12 @@ class TrtRunner(StreamRunner):
     def _new_context(self, profile: int) -> Any:
         """A context on user-managed memory (the shared scratch buffer), switched to `profile`."""
         ctx = self.cuda_engine.create_execution_context(self._trt.ExecutionContextAllocationStrategy.USER_MANAGED)
-        if ctx is None:
-            raise MtadError("TensorRT could not create an execution context (see its log above)")
+        if ctx is None:  # TensorRT returns None (and logs why) rather than raising: usually GPU memory
+            raise BackendUnavailable(
+                f"TensorRT could not create execution context {self.contexts_created + 1} of the plan "
+                f"{self.plan_path} (see its log above; usually the GPU is out of memory): free GPU memory, "
+                f"or rebuild with smaller limits (--max-batch, --max-seq-len): `{self._rebuild}`"
+            )
         if self._scratch is not None:
             ptr, size = self._scratch.data_ptr(), self._scratch.numel()
             if hasattr(ctx, "set_device_memory"):  # TensorRT >= 10.1
@@ -251,6 +264,12 @@ class TrtRunner(StreamRunner):
         inputs += [(name, view[:rows]) for (name, _), view in zip(self.spec.kv_names, self.cache.views, strict=True)]
         outputs = [(LOGITS, bufs.logits), *zip(HEAD_OUTPUTS, bufs.head, strict=False)]
         outputs += [(name, t) for (_, name), t in zip(self.spec.kv_names, bufs.new_kv, strict=True)]
+        self._set_input_shapes(ctx, phase, inputs)
+        self._check_output_shapes(ctx, outputs)
+        self._set_addresses(ctx, inputs + outputs)
+
+    def _set_input_shapes(self, ctx: Any, phase: str, inputs: list[tuple[str, torch.Tensor]]) -> None:
+        """Each input's shape is its buffer's: TensorRT reads exactly that many bytes at its address."""
         for name, tensor in inputs:
             if not _ok(ctx.set_input_shape, name, tuple(tensor.shape)):
                 lo, _, hi = self._profile_shapes[phase][name]
@@ -259,6 +278,9 @@ class TrtRunner(StreamRunner):
                     f"rebuild it with larger limits: `{self._rebuild}`, raising --max-prefill-tokens, "
                     "--max-decode-tokens or --max-batch"
                 )
+
+    def _check_output_shapes(self, ctx: Any, outputs: list[tuple[str, torch.Tensor]]) -> None:
+        """TensorRT writes the shapes it infers, whatever the buffer holds: they must be the buffers'."""
         for name, tensor in outputs:
             got = tuple(int(d) for d in ctx.get_tensor_shape(name))
             if got != tuple(tensor.shape):
@@ -267,7 +289,13 @@ class TrtRunner(StreamRunner):
                     f"{tuple(tensor.shape)}: the plan and its manifest disagree; re-export the engine and rebuild "
                     f"(`{self._rebuild}`)"
                 )
-        for name, tensor in inputs + outputs:
+
+    def _set_addresses(self, ctx: Any, tensors: list[tuple[str, torch.Tensor]]) -> None:
+        """Every address, each checked first: a dense (contiguous) tensor, 256-byte aligned."""
+        for name, tensor in tensors:
+            if not tensor.is_contiguous():  # TensorRT reads and writes dense row-major memory at the address
+                raise MtadError(f"internal error: {name} is not contiguous (strides {tensor.stride()}); "
+                                "TensorRT would read or write the wrong elements")
             ptr = tensor.data_ptr()
             if ptr % ALIGN_BYTES:
                 raise MtadError(f"{name} is at address {ptr:#x}, not {ALIGN_BYTES}-byte aligned as TensorRT requires")
