@@ -35,6 +35,17 @@ def _lines(out) -> list[dict]:
     return [json.loads(line) for line in (out / JOURNAL).read_text().splitlines()]
 
 
+def _rows(out) -> dict[str, list[dict]]:
+    """Per system, the journal's gen records merged with their scores, in run order (bench.json
+    keeps only the summaries)."""
+    lines = _lines(out)
+    scores = {(r["system"], r["prompt_id"], r["seed"]): r for r in lines if r["type"] == "score"}
+    rows: dict[str, list[dict]] = {}
+    for g in (r for r in lines if r["type"] == "gen"):
+        rows.setdefault(g["system"], []).append({**g, **scores.get((g["system"], g["prompt_id"], g["seed"]), {})})
+    return {k: sorted(v, key=lambda r: (r["unit"], r["prompt_index"], r["seed"])) for k, v in rows.items()}
+
+
 def test_bench_record_and_report(pair_engine, prompt_file, tmp_path):
     cfg = _cfg(pair_engine, prompt_file, tmp_path, decoders=("ar", "sps", "mtad", "mmtad"), peers=("hf-ar",),
                max_new_tokens=12, seeds=1)
@@ -49,8 +60,9 @@ def test_bench_record_and_report(pair_engine, prompt_file, tmp_path):
     for r in _lines(tmp_path):
         if r["type"] == "window":
             windows.setdefault(r["system"], {})[r["unit"]] = r
+    journal_rows = _rows(tmp_path)
     for name, res in saved["results"].items():
-        s, rows, win = res["summary"], res["rows"], windows[name]
+        s, rows, win = res["summary"], journal_rows[name], windows[name]
         assert s["requests"] == len(rows) == 3 and sorted(win) == [0, 1, 2]
         if name.startswith("peer:"):
             gen = sum(r["generated_tokens"] for r in rows)
@@ -88,7 +100,7 @@ def test_bench_record_and_report(pair_engine, prompt_file, tmp_path):
         assert sp["units"] == 3
         assert (sp["p25"], sp["median"], sp["p75"]) == pytest.approx(tuple(np.percentile(ratios, [25, 50, 75])),
                                                                        rel=1e-12)
-    logp = {name: {r["prompt_id"]: r["mean_logprob"] for r in res["rows"]} for name, res in saved["results"].items()
+    logp = {name: {r["prompt_id"]: r["mean_logprob"] for r in journal_rows[name]} for name in saved["results"]
             if not name.startswith("peer:")}
     for d in ("sps", "mtad", "mmtad"):
         c = paired["perplexity"][d]
@@ -101,6 +113,9 @@ def test_bench_record_and_report(pair_engine, prompt_file, tmp_path):
     sps_delta = paired["perplexity"]["sps"]["delta_mean_logprob"]
     assert paired["control"]["decoder"] == "sps"
     assert paired["control"]["ok"] is (sps_delta["lo"] <= 0 <= sps_delta["hi"])  # the control reads the interval
+    ratio = paired["perplexity"]["sps"]["ppl_ratio"]  # a pass says how large a bias could have gone unseen
+    assert paired["control"]["ppl_half_width_pct"] == pytest.approx(50 * (ratio["hi"] - ratio["lo"]), rel=1e-12)
+    assert ("no bias larger than" in paired["control"]["message"]) is paired["control"]["ok"]
     # progress: one tick per (system, request) and per scored output, ending at the totals
     assert ("generate", 15, 15) in calls and ("score", 12, 12) in calls
     text = (tmp_path / "summary.md").read_text()
@@ -137,14 +152,15 @@ def _interrupt_at(phase: str, at: int):
     return progress
 
 
-def _deterministic(record: dict) -> dict:
+def _deterministic(record: dict, out_dir) -> dict:
     """What must not depend on where a run was interrupted (everything but the clock)."""
     keep = ("requests", "generated_tokens", "tokens_per_target_call", "acceptance_rate", "accepted_per_position",
             "perplexity", "perplexity_token_weighted", "scored_requests")
     out = {}
+    rows = _rows(out_dir)
     for name, res in record["results"].items():
         out[name] = {k: res["summary"].get(k) for k in keep}
-        out[name]["rows"] = [(r["prompt_id"], r["seed"], r["token_ids"], r["mean_logprob"]) for r in res["rows"]]
+        out[name]["rows"] = sorted((r["prompt_id"], r["seed"], r["token_ids"], r["mean_logprob"]) for r in rows[name])
     p = record["paired"]
     out["paired"] = {k: p[k] for k in ("perplexity", "perplexity_ci", "control", "acceptance_per_position")}
     return out
@@ -179,10 +195,11 @@ def test_resume_after_interruption(pair_engine, prompt_file, tmp_path):
     assert len(gens) == len(set(gens)) == 18 and set(gens) == expected  # no duplicate, none missing
     assert len(scores) == len(set(scores)) == 18 and set(scores) == expected
     assert sum(r["type"] == "window" for r in lines) == 18
-    assert _deterministic(record) == _deterministic(full)
+    assert _deterministic(record, out) == _deterministic(full, tmp_path / "full")
     assert record["journal"]["resumed_records"] == 18
     t = record["run_time"]  # the killed sessions' work counts, the gaps between sessions do not
     assert t["generate_sessions"] == 2 and t["score_sessions"] == 2
+    assert sum(r["type"] == "session" for r in lines) == 2  # one per session that generated, not per window
     assert t["windows_s"] == pytest.approx(sum(r["window_s"] for r in lines if r["type"] == "window"), rel=1e-12)
     assert 0 < t["windows_s"] <= t["generate_s"] and t["score_s"] > 0
     assert "2 session(s)" in markdown(record)
@@ -193,7 +210,46 @@ def test_journal_resume_of_a_finished_run_only_rebuilds_the_report(pair_engine, 
     size = (tmp_path / JOURNAL).stat().st_size
     again = run_bench(_cfg(pair_engine, prompt_file, tmp_path, seeds=1, resume=True))
     assert (tmp_path / JOURNAL).stat().st_size == size
-    assert _deterministic(again) == _deterministic(first)
+    assert _deterministic(again, tmp_path) == _deterministic(first, tmp_path)
+
+
+def test_bench_json_keeps_summaries_not_rows(pair_engine, prompt_file, tmp_path):
+    """bench.json points to the journal for the per-generation rows instead of repeating them, and
+    stays small: its size does not grow with the number of generations or tokens."""
+    sizes = []
+    for n, seeds, tokens in ((2, 1, 4), (3, 2, 16)):
+        out = tmp_path / f"{n}x{seeds}x{tokens}"
+        write_report(run_bench(_cfg(pair_engine, prompt_file, out, n=n, seeds=seeds, max_new_tokens=tokens)), out)
+        text = (out / "bench.json").read_text()
+        saved = json.loads(text)
+        assert saved["journal"]["file"] == JOURNAL and (out / saved["journal"]["file"]).is_file()
+        assert all(set(res) == {"summary"} for res in saved["results"].values())
+        assert "token_ids" not in text and '"text"' not in text
+        gens = sum(r["type"] == "gen" for r in _lines(out))
+        assert gens == 3 * n * seeds
+        # lists of numbers sit on one line: no line holds a lone number
+        assert not any(line.strip().rstrip(",").lstrip("-").replace(".", "", 1).isdigit() for line in text.splitlines())
+        sizes.append((len(text), len(text.splitlines())))
+    (small, small_lines), (big, big_lines) = sizes  # 6 generations of 4 tokens, then 18 of 16
+    assert big < 16_000 and big_lines < 500
+    assert big - small < 1_000 and abs(big_lines - small_lines) < 20  # nothing per generation or per token
+
+
+def test_energy_unavailable_is_recorded_once(pair_engine, prompt_file, tmp_path):
+    """An unavailable meter says why once per run (a session line in the journal, one line in
+    bench.json and in summary.md), not in every (unit, system) window."""
+    record = run_bench(_cfg(pair_engine, prompt_file, tmp_path, decoders=("ar", "sps"), max_new_tokens=4))
+    write_report(record, tmp_path)
+    why = "unavailable: energy measurement turned off"
+    journal = (tmp_path / JOURNAL).read_text()
+    assert journal.count(why) == 1 and journal.count("unavailable:") == 1  # ':' - tmp_path holds the word
+    windows = [r for r in _lines(tmp_path) if r["type"] == "window"]
+    assert len(windows) == 12 and all(w["joules"] is None and "energy" not in w for w in windows)
+    assert [r["energy_method"] for r in _lines(tmp_path) if r["type"] == "session"] == [record["energy_method"]]
+    assert record["energy_method"].startswith(why)
+    text = (tmp_path / "bench.json").read_text()
+    assert text.count("unavailable:") == 1
+    assert (tmp_path / "summary.md").read_text().count("unavailable:") == 1
 
 
 def test_peers_refuse_before_generating(pair_engine, prompt_file, tmp_path, monkeypatch):

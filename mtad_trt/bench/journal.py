@@ -8,7 +8,10 @@ A run of hours that is interrupted resumes from it (`--resume`) instead of start
   lines: it commits them. `gen` lines without their `window` (the run stopped inside the unit)
   are dropped on resume and the unit runs again;
 - `score`: the quality of one `gen` record (target log-probs, HumanEval pass), computed after
-  generation, outside every timed window.
+  generation, outside every timed window;
+- `session`: what holds for a whole generation session (e.g. the energy meter and why it cannot
+  measure), written once when the session starts generating, so that `window` lines need not
+  repeat it.
 
 Every line is flushed and fsynced as it is written; a torn last line (the process died writing
 it) is cut off on resume.
@@ -40,6 +43,7 @@ class Journal:
         self.gens: dict[tuple, dict] = {}
         self.windows: dict[tuple[str, int], dict] = {}
         self.scores: dict[tuple, dict] = {}
+        self.sessions: list[dict] = []
         self.resumed = 0
         self.session = time.time()  # marks this session's window and score lines (run time per session)
         header = {"type": "header", "version": VERSION, "settings": header}
@@ -93,6 +97,8 @@ class Journal:
                 self.windows[unit] = rec
             elif kind == "score":
                 self.scores[gen_key(rec)] = rec
+            elif kind == "session":
+                self.sessions.append(rec)
             else:
                 raise MtadError(f"{self.path}: unknown record type {kind!r}")
             if not pending:
@@ -109,7 +115,7 @@ class Journal:
             raise MtadError(f"{self.path}: the first line is not a header")
         if rec.get("version") != VERSION:
             raise MtadError(f"{self.path}: journal version {rec.get('version')}, this mtad-trt writes {VERSION}")
-        old, new = rec.get("settings", {}), json.loads(json.dumps(header["settings"], default=_jsonable))
+        old, new = rec.get("settings", {}), json.loads(json.dumps(header["settings"], default=jsonable))
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if diff:
             shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
@@ -117,7 +123,7 @@ class Journal:
 
     # -- writing -------------------------------------------------------------------------------
     def _write(self, rec: dict) -> None:
-        self._file.write(json.dumps(rec, default=_jsonable) + "\n")
+        self._file.write(json.dumps(rec, default=jsonable) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
 
@@ -130,6 +136,12 @@ class Journal:
         for g in gens:
             self.gens[(system, g["prompt_id"], g["seed"])] = {"type": "gen", "system": system, "unit": unit, **g}
         self.windows[(system, unit)] = w
+
+    def add_session(self, info: dict) -> None:
+        """Once per generation session: what every `window` of this session shares."""
+        rec = {"type": "session", "session": self.session, "t": time.time(), **info}
+        self._write(rec)
+        self.sessions.append(rec)
 
     def add_score(self, key: tuple, score: dict) -> None:
         rec = {"type": "score", "system": key[0], "prompt_id": key[1], "seed": key[2], **score,
@@ -144,7 +156,8 @@ class Journal:
         self._file.close()
 
 
-def _jsonable(x):
+def jsonable(x):
+    """`json.dumps` default: numpy scalars and arrays, and tuples, as plain JSON values."""
     if isinstance(x, np.generic):
         return x.item()
     if isinstance(x, np.ndarray):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mtad_trt.bench.journal import _jsonable
+from mtad_trt.bench.journal import jsonable
 
 
 def _fmt(x, spec=".2f") -> str:
@@ -188,9 +188,26 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def record_json(record: dict) -> str:
+    """bench.json's text: objects one key per line (readable, diffable), lists of numbers or strings
+    on one line. The record holds summaries only; the per-generation rows (token ids and all) are in
+    the journal, records.jsonl, beside it."""
+    return _dumps(json.loads(json.dumps(record, default=jsonable)), 0) + "\n"
+
+
+def _dumps(x, depth: int) -> str:
+    pad, inner = " " * depth, " " * (depth + 1)
+    if isinstance(x, dict) and x:
+        items = [f"{inner}{json.dumps(k)}: {_dumps(v, depth + 1)}" for k, v in x.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if isinstance(x, list) and any(isinstance(v, (dict, list)) for v in x):
+        return "[\n" + ",\n".join(inner + _dumps(v, depth + 1) for v in x) + "\n" + pad + "]"
+    return json.dumps(x)
+
+
 def write_report(record: dict, out: str | Path) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(record, indent=1, default=_jsonable) + "\n")
+    (out / "bench.json").write_text(record_json(record))
     (out / "summary.md").write_text(markdown(record))
     return [out / "bench.json", out / "summary.md", *plots(record, out)]

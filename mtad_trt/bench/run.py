@@ -24,11 +24,11 @@ from pathlib import Path
 
 import mtad_trt
 from mtad_trt.bench import energy, interleave, metrics, prompts
-from mtad_trt.bench.journal import Journal
+from mtad_trt.bench.journal import JOURNAL, Journal
 from mtad_trt.bench.summary import build_results, run_time
+from mtad_trt.engine.params import DECODERS, DEFAULTS
 from mtad_trt.errors import MtadError
-from mtad_trt.manifest import sha256_file
-from mtad_trt.params import DECODERS, DEFAULTS
+from mtad_trt.folder.manifest import sha256_file
 from mtad_trt.pipeline import Pipeline
 
 RECORD_VERSION = 2
@@ -127,7 +127,10 @@ class _Run:
         cfg = self.cfg
         pipe = Pipeline.load(cfg.engines, backend=cfg.backend, device=cfg.device, threads=cfg.threads,
                              load_draft=any(d != "ar" for d in cfg.decoders), max_batch=cfg.concurrency,
-                             spec_policy=cfg.spec_policy)
+                             spec_policy=cfg.spec_policy,
+                             # off: every system and seed re-runs the same prompts, and a prefill the
+                             # first one paid must not be skipped by the ones after it
+                             prefix_cache_mb=0)
         self.encoded = [pipe.encode(p.text, chat=p.chat) for p in self.items]
         self.tokenizer = pipe.tokenizer
         backend = pipe.backend
@@ -147,6 +150,8 @@ class _Run:
 
                 for p in cfg.peers:  # refuse before any generation, not an hour into the run
                     peers[PEER_PREFIX + p] = open_peer(p, cfg)
+                # the meter, and why it cannot measure if so, once per session (not once per window)
+                journal.add_session({"backend": backend, "energy_method": meter.method})
             total = sum(len(u.jobs) for u in self.units) * len(self.systems)
             done = total - sum(len(u.jobs) for u, _ in todo)
             self._tick("generate", done, total)
@@ -195,8 +200,12 @@ class _Run:
             gens.append({"prompt_id": j.prompt_id, "prompt_index": j.prompt_index, "seed": j.seed,
                          "seed_index": j.seed_index, **row})
         tokens = sum(len(r["token_ids"]) if "stats" in r else r["generated_tokens"] for r in rows)
-        window = {"window_s": window_s, "tokens": tokens, "requests": len(rows), "joules": reading.joules,
-                  "energy": reading.to_dict()}
+        window = {"window_s": window_s, "tokens": tokens, "requests": len(rows), "joules": reading.joules}
+        if not isinstance(meter, energy.NullMeter):  # an unavailable meter's reason is in the session line
+            e = reading.to_dict()
+            if e.get("method") == meter.method:
+                del e["method"]  # recorded once, in the session line
+            window["energy"] = e
         if system in peers:
             window["note"] = peers[system].note
         return gens, window
@@ -211,7 +220,7 @@ class _Run:
         if not todo:
             return
         scorer = Pipeline.load(cfg.score_engines or cfg.engines, backend=cfg.backend, device=cfg.device,
-                               threads=cfg.score_threads or cfg.threads, load_draft=False)
+                               threads=cfg.score_threads or cfg.threads, load_draft=False, prefix_cache_mb=0)
         try:
             if tokenizer_of_run is not None and scorer.tokenizer.get_vocab() != tokenizer_of_run.get_vocab():
                 raise MtadError(f"{cfg.score_engines} uses another tokenizer than {cfg.engines}: cannot score with it")
@@ -266,7 +275,10 @@ def _record(cfg: BenchConfig, backend: str, energy_method: str, results: dict, p
         "settings": asdict(cfg),
         "interleaving": interleave.describe(cfg.concurrency),
         "units": len(run.units),
-        "journal": {"path": str(journal.path), "resumed_records": journal.resumed},
+        # bench.json holds the summaries; every generation (token ids, text, stats, timing), timing
+        # window and score is in the journal beside it, one JSON object per line
+        "journal": {"path": str(journal.path), "file": JOURNAL, "resumed_records": journal.resumed,
+                    "holds": "every gen, window, score and session record; bench.json keeps only the summaries"},
         "run_time": times,
         "results": results,
         "paired": paired,
