@@ -3,7 +3,8 @@
 # default — threads, max batch, prefix cache, the auto policy keeping MTAD's joint verification):
 # N streaming chat clients released at once, 48 tokens each, N = 1/4/8/16, for ar, sps and mtad;
 # the same with the prefix cache off; mtad with --throughput-first; and, at N = 4, a ~1,500-token
-# prompt arriving mid-run (the other streams' inter-token latency while it is prefilled). Each
+# prompt arriving mid-run (the other streams' inter-token latency while it is prefilled), also with
+# --prefill-chunk 32 (the bound on how long one iteration's prefill stalls the running rows). Each
 # level also records where the batch's time went (model calls per phase vs host work, /metrics).
 #
 #   bash scripts/bench_serving_load.sh [ENGINES] [OUT_DIR]
@@ -49,3 +50,4 @@ run_config() {  # name, then "decoder[:levels[:long prompt tokens]]" entries, th
 run_config defaults ar sps mtad ar:4:1500 mtad:4:1500 --
 run_config no-prefix-cache ar sps mtad -- --prefix-cache-mb 0
 run_config throughput-first mtad -- --throughput-first
+run_config chunk32 ar:4:1500 mtad:4:1500 -- --prefill-chunk 32

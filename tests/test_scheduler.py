@@ -336,3 +336,25 @@ def test_tune_writes_the_table_the_auto_policy_loads(pair_engine, tmp_path, monk
     with Pipeline.load(folder, backend="ort", max_batch=2, spec_policy="auto") as pipe:
         costs = pipe.scheduler.policy.costs
         assert costs.points["target"] == {int(n): t for n, t in entry["points"]["target"].items()}
+
+
+def test_steps_run_on_the_rows_in_use_only(pair_engine, monkeypatch):
+    """ONNX Runtime binds the cache per step, so a step covers only the window of rows in use: a
+    request left alone in row 5 costs one row, not six (and its output is unchanged)."""
+    from mtad_trt.backends.ort import OrtRunner
+
+    seen = []
+    original = OrtRunner.step
+
+    def spy(self, inputs, first_row=0):
+        seen.append((inputs.input_ids.shape[0], first_row))
+        return original(self, inputs, first_row)
+
+    monkeypatch.setattr(OrtRunner, "step", spy)
+    common = dict(temperature=0, ignore_eos=True, decoder="ar")
+    with Pipeline.load(pair_engine, backend="ort", max_batch=8, prefix_cache_mb=0) as pipe:
+        per = [{"max_new_tokens": 3}] * 5 + [{"max_new_tokens": 30}]
+        outs = pipe.generate(PROMPTS[:6], settings=per, **common)
+        ref = pipe.generate(PROMPTS[5], max_new_tokens=30, **common)
+    assert outs[5].token_ids == ref.token_ids
+    assert (1, 5) in seen

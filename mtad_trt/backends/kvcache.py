@@ -180,16 +180,19 @@ class HostKVCache(SlotCache):
     def _from_host(self, a: np.ndarray) -> np.ndarray:
         return a
 
-    def keep(self, new_kv: list[np.ndarray], row: int, src: np.ndarray, dst: np.ndarray) -> None:
+    def keep(self, new_kv: list[np.ndarray], row: int, src: np.ndarray, dst: np.ndarray, new_row: int | None = None) -> None:
+        """Copy new K/V rows `src` of the step's batch row `new_row` (default `row`) into slots
+        `dst` of cache row `row` (they differ when the step ran on a window of rows)."""
         if len(src) == 0:
             return
+        n = row if new_row is None else new_row
         if len(src) == 1:
             s, t = int(src[0]), int(dst[0])
             for cache, new in zip(self.views, new_kv, strict=False):
-                cache[row, :, t, :] = new[row, :, s, :]
+                cache[row, :, t, :] = new[n, :, s, :]
             return
         for cache, new in zip(self.views, new_kv, strict=False):
-            cache[row, :, dst, :] = new[row, :, src, :]
+            cache[row, :, dst, :] = new[n, :, src, :]
 
     def move(self, row: int, src: np.ndarray, dst: np.ndarray) -> None:
         if len(src) == 0:
@@ -237,13 +240,14 @@ class TorchKVCache(SlotCache):
     def _index(self, idx: np.ndarray) -> Any:
         return self._torch.as_tensor(np.asarray(idx, dtype=np.int64)).to(self.device, non_blocking=True)
 
-    def keep(self, new_kv: list[Any], row: int, src: np.ndarray, dst: np.ndarray) -> None:
+    def keep(self, new_kv: list[Any], row: int, src: np.ndarray, dst: np.ndarray, new_row: int | None = None) -> None:
         if len(src) == 0:
             return
+        n = row if new_row is None else new_row
         s, d = self._index(src), self._index(dst)
         with self._torch.no_grad():
             for cache, new in zip(self.views, new_kv, strict=True):
-                cache[row].index_copy_(1, d, new[row].index_select(1, s))
+                cache[row].index_copy_(1, d, new[n].index_select(1, s))
 
     def move(self, row: int, src: np.ndarray, dst: np.ndarray) -> None:
         if len(src) == 0:

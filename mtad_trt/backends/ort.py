@@ -66,8 +66,10 @@ class OrtRunner(SlotCacheRunner):
         kv = [np.empty((b, s.num_kv_heads, t, s.head_dim), self._dtype) for _ in range(2 * s.num_layers)]
         return logits, head, kv
 
-    def step(self, inputs: StepInputs) -> StepOut:
-        b, t, k, _ = check_step(inputs, self.batch, self.cache.size, self.spec)
+    row_window = True  # the cache is bound by pointer per step: any window of rows is a contiguous view
+
+    def step(self, inputs: StepInputs, first_row: int = 0) -> StepOut:
+        b, t, k, _ = check_step(inputs, self.batch - first_row, self.cache.size, self.spec)
         logits, head, new_kv = self._out.get((b, t, k))
         bind = self._binding
         bind.clear_binding_inputs()
@@ -77,14 +79,14 @@ class OrtRunner(SlotCacheRunner):
         for name, arr in zip(self.spec.step_names, held, strict=True):
             bind.bind_input(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
         for (in_name, out_name), view, new in zip(self.spec.kv_names, self.cache.views, new_kv, strict=True):
-            cache = view[:b]  # the first b rows: a contiguous prefix
+            cache = view[first_row : first_row + b]  # a window of whole rows: contiguous
             bind.bind_input(in_name, "cpu", 0, cache.dtype, cache.shape, cache.ctypes.data)
             bind.bind_output(out_name, "cpu", 0, new.dtype, new.shape, new.ctypes.data)
         bind.bind_output(LOGITS, "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
         for name, arr in zip(HEAD_OUTPUTS, head, strict=False):
             bind.bind_output(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
         self.session.run_with_iobinding(bind)
-        self._new_kv = new_kv
+        self._new_kv, self._first_row = new_kv, first_row
         return StepOut(logits, top=tuple(head) if head else None, vocab=self.spec.vocab_size)
 
     def close(self) -> None:

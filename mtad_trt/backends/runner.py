@@ -28,6 +28,10 @@ class ModelRunner(Protocol):
 
     spec: ModelSpec  # spec.max_seq_len is the capacity: the most slots a sequence may use
     name: str  # "ort-cpu", "torch-cuda", "trt", ...
+    # True when `step(inputs, first_row=r)` runs the B input rows on cache rows r..r+B-1 (any
+    # window of rows; others always start at row 0). A lone newcomer in row 9 then costs one row,
+    # not ten. Device backends bind fixed addresses per shape (CUDA graphs), so they keep row 0.
+    row_window: bool = False
 
     @property
     def bucket(self) -> int:
@@ -94,8 +98,10 @@ class SlotCacheRunner:
     def shrink(self, slots: int) -> int:
         return self.cache.shrink(slots)
 
+    _first_row = 0  # the cache row the last step's batch row 0 was (a step on a window of rows)
+
     def keep(self, row: int, src: np.ndarray, dst: np.ndarray) -> None:
-        self.cache.keep(self._new_kv, row, src, dst)
+        self.cache.keep(self._new_kv, row, src, dst, new_row=row - self._first_row)
 
     def move(self, row: int, src: np.ndarray, dst: np.ndarray) -> None:
         self.cache.move(row, src, dst)

@@ -42,12 +42,18 @@ class Batcher:
 
     def run(self, calls: Sequence[tuple[Row, Call]]) -> list[RowLogits]:
         s = self.runner.reserve(max(row.fits(len(call.tokens), call.slots) for row, call in calls))
-        r = self.rows_for(max(row.row for row, _ in calls))
+        lo, hi = min(row.row for row, _ in calls), max(row.row for row, _ in calls) + 1
+        if getattr(self.runner, "row_window", False):  # only the rows in use, padded to a bucket
+            r = self.rows_for(hi - lo - 1)
+            lo = min(lo, self.buckets[-1] - r)  # the window stays inside the cache
+        else:  # rows 0..highest
+            r, lo = self.rows_for(hi - 1), 0
         t = max(len(call.tokens) for _, call in calls)
         k = max(len(call.rows) for _, call in calls)
         inp = self._bufs.get((r, t, k, s))
         pad_inputs(inp, s, t)
         for row, call in calls:
-            fill_row(inp, row.row, row.n, call.tokens, call.parents, call.cache_ancestors, call.rows)
-        out = as_step_out(self.runner.step(inp), self.runner.spec.vocab_size)
-        return [out.row(row.row, len(call.rows)) for row, call in calls]
+            fill_row(inp, row.row - lo, row.n, call.tokens, call.parents, call.cache_ancestors, call.rows)
+        step = self.runner.step(inp, first_row=lo) if lo else self.runner.step(inp)
+        out = as_step_out(step, self.runner.spec.vocab_size)
+        return [out.row(row.row - lo, len(call.rows)) for row, call in calls]
