@@ -181,10 +181,11 @@ class RuntimeClient:
                     self._cond.wait()
                 if self._stopping and not sched.busy and not self._incoming:
                     return
-                incoming = [handle.request for handle in self._incoming]
+                for handle in self._incoming:  # under the lock: the queue count never misses them
+                    sched.add(handle.request)
                 self._incoming.clear()
             try:
-                it = sched.iterate(incoming, admitted=self._admitted)
+                it = sched.iterate(admitted=self._admitted)
                 now = time.perf_counter()
                 for req in it.started:
                     self._report_started(req)

@@ -81,7 +81,8 @@ def test_greedy_speculative_equals_ar(smol_pipeline, decoder):
 
 def test_batched_greedy_equals_alone_on_real_weights(smol_engine):
     """Continuous batching on a real checkpoint: 8 requests in one batch (every decoder, mixed prompt
-    lengths and limits) give each request's output alone, token for token."""
+    lengths and limits) give each request's output alone, token for token — the batch with the
+    prefix cache on (the chat template's system turn is shared), the references with it off."""
     from mtad_trt import Pipeline
 
     prompts = [PROMPT, "What is 2 + 2?", "Name three colours.", "Write a haiku about rain.",
@@ -89,10 +90,13 @@ def test_batched_greedy_equals_alone_on_real_weights(smol_engine):
     per = [dict(decoder=d, max_new_tokens=n, gamma=g, beam_width=b) for d, n, g, b in (
         ("ar", 24, 4, 1), ("sps", 20, 3, 1), ("mtad", 24, 4, 3), ("mmtad", 16, 3, 3),
         ("sps", 12, 5, 1), ("mtad", 24, 2, 2), ("ar", 8, 4, 1), ("mmtad", 20, 4, 2))]
-    with Pipeline.load(smol_engine, backend="ort", max_batch=8) as pipe:
+    with Pipeline.load(smol_engine, backend="ort", max_batch=8, prefix_cache_mb=0) as pipe:
         alone = [pipe.generate(p, chat=True, temperature=0, ignore_eos=True, **s).token_ids for p, s in zip(prompts, per, strict=True)]
+    with Pipeline.load(smol_engine, backend="ort", max_batch=8, prefix_cache_mb=64) as pipe:
+        pipe.generate(prompts[0], chat=True, temperature=0, max_new_tokens=1)  # the shared turn is cached
         batched = pipe.generate(prompts, chat=True, settings=per, temperature=0, ignore_eos=True)
     assert [o.token_ids for o in batched] == alone
+    assert all(o.stats.cached_tokens >= 16 for o in batched)  # every prompt took the system turn's blocks
 
 
 # ------------------------------------------------------------------ Gemma 3 270M (sliding window 512)

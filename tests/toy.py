@@ -16,6 +16,7 @@ from mtad_trt.contract import ModelSpec
 
 class BigramRunner:
     name = "toy"
+    row_window = False
 
     def __init__(self, table: np.ndarray, max_seq_len: int = 4096) -> None:
         self.table = np.asarray(table, np.float32)  # [V, V] logits of the next token given the current

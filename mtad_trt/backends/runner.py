@@ -98,6 +98,7 @@ class SlotCacheRunner:
     def shrink(self, slots: int) -> int:
         return self.cache.shrink(slots)
 
+    row_window = False  # backends that bind the cache per step set True (see ModelRunner.row_window)
     _first_row = 0  # the cache row the last step's batch row 0 was (a step on a window of rows)
 
     def keep(self, row: int, src: np.ndarray, dst: np.ndarray) -> None:
