@@ -158,7 +158,7 @@ class Pipeline:
         if max_batch is None:
             max_batch, choices["max_batch"] = default_max_batch(manifest, roles, device, folder)
         check_memory(manifest, roles, max_batch, device, folder)
-        prefix = _prefix_cache(prefix_cache_mb, device, choices)
+        prefix = _prefix_cache(prefix_cache_mb, choices)
         tokenizer = Tokenizer(folder / manifest.tokenizer)
         target = load_runner(folder, manifest, "target", backend, device, threads, batch=max_batch)
         draft = None
@@ -335,7 +335,7 @@ class Pipeline:
 PREFIX_CACHE_DEFAULT_MB = 512
 
 
-def _prefix_cache(size_mb: float | None, device: str, choices: dict[str, str]) -> PrefixCache | None:
+def _prefix_cache(size_mb: float | None, choices: dict[str, str]) -> PrefixCache | None:
     """The prefix cache's pool (host memory, whatever the device): the size asked, or by rule."""
     have = available_bytes("cpu")
     if size_mb is None:

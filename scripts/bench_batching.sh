@@ -18,29 +18,20 @@ DECODERS=${DECODERS:-ar sps mtad mmtad}
 TOKENS=${TOKENS:-64}
 mkdir -p "$OUT"
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
+source scripts/serve_lib.sh
 if ! grep -q '"ort-cpu-t2"' "$ENGINES/tuning.json" 2>/dev/null; then  # the auto policy's cost table
   ( time mtad-trt tune "$ENGINES" --threads 2 --max-batch 16 ) 2>&1 | tee "$OUT/tune.txt"
 fi
 
 run_config() {  # name, levels, serve flags...
   local name=$1 levels=$2; shift 2
-  mtad-trt serve "$ENGINES" --threads 2 --port "$PORT" "$@" > "$OUT/$name.server.log" 2>&1 &
-  local pid=$!
-  trap 'kill $pid 2>/dev/null || true' EXIT
-  local t0=$SECONDS
-  until curl -sf "http://127.0.0.1:$PORT/health" > /dev/null; do
-    kill -0 $pid 2>/dev/null || { cat "$OUT/$name.server.log"; exit 1; }
-    sleep 1
-  done
-  echo "$name: up in $((SECONDS - t0)) s, RSS $(ps -o rss= -p $pid) KiB" | tee "$OUT/$name.memory.txt"
+  start_server "$name" --threads 2 --prefix-cache-mb 0 "$@"  # as its stored runs (before the prefix cache)
   for d in $DECODERS; do
     python3 scripts/bench_serve.py --url "http://127.0.0.1:$PORT" --concurrency "$levels" --requests 1 \
       --max-tokens "$TOKENS" --ignore-eos --temperature 1 --chat --extra "{\"decoder\": \"$d\"}" \
       --json "$OUT/$name.$d.json" | tee "$OUT/$name.$d.txt"
   done
-  echo "$name: RSS after the runs $(ps -o rss= -p $pid) KiB" | tee -a "$OUT/$name.memory.txt"
-  kill $pid; wait $pid 2>/dev/null || true
-  trap - EXIT
+  stop_server "$name"
 }
 
 run_config batch1 "$LEVELS_BATCH1" --max-batch 1 --spec-policy fixed

@@ -25,19 +25,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return (0.0, 0.0)
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / d
-    return (c - h, c + h)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--engines", default=str(REPO / "engines" / "qwen2.5-coder"))
+    ap.add_argument("--engines", default="engines/qwen2.5-coder", help="Relative to the repository root.")
     ap.add_argument("--out", default=str(REPO / "docs" / "data" / "eval"))
     ap.add_argument("--decoders", default="ar,mtad")
     args = ap.parse_args()
@@ -46,6 +36,7 @@ def main() -> None:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
+    from mtad_trt.bench.stats import wilson
     from mtad_trt.serve import ServerSettings, ServerThread, create_app
 
     out = Path(args.out)

@@ -19,21 +19,14 @@ LEVELS=${LEVELS:-1,4,8,16}
 TOKENS=${TOKENS:-48}
 mkdir -p "$OUT"
 export TOKENIZERS_PARALLELISM=false
+source scripts/serve_lib.sh
 
 run_config() {  # name, then "decoder[:levels[:long prompt tokens]]" entries, then -- serve flags...
   local name=$1; shift
   local runs=()
   while [ "$1" != "--" ]; do runs+=("$1"); shift; done
   shift
-  mtad-trt serve "$ENGINES" --port "$PORT" "$@" > "$OUT/$name.server.log" 2>&1 &
-  local pid=$!
-  trap 'kill $pid 2>/dev/null || true' EXIT
-  local t0=$SECONDS
-  until curl -sf "http://127.0.0.1:$PORT/health" > /dev/null; do
-    kill -0 $pid 2>/dev/null || { cat "$OUT/$name.server.log"; exit 1; }
-    sleep 1
-  done
-  echo "$name: up in $((SECONDS - t0)) s, VmRSS $(ps -o rss= -p $pid) KiB" | tee "$OUT/$name.memory.txt"
+  start_server "$name" "$@"
   for run in "${runs[@]}"; do
     IFS=: read -r d levels long <<< "$run"
     python3 scripts/bench_serve.py --url "http://127.0.0.1:$PORT" --concurrency "${levels:-$LEVELS}" \
@@ -42,9 +35,7 @@ run_config() {  # name, then "decoder[:levels[:long prompt tokens]]" entries, th
       --json "$OUT/$name.$d${long:+.long$long}.json" > "$OUT/$name.$d${long:+.long$long}.txt"
     sed -n '1,6p' "$OUT/$name.$d${long:+.long$long}.txt"
   done
-  echo "$name: VmRSS after the runs $(ps -o rss= -p $pid) KiB" | tee -a "$OUT/$name.memory.txt"
-  kill $pid; wait $pid 2>/dev/null || true
-  trap - EXIT
+  stop_server "$name"
 }
 
 run_config defaults ar sps mtad ar:4:1500 mtad:4:1500 --

@@ -117,10 +117,10 @@ def test_a_failing_model_step_is_one_error_line(pair_engine):
     with one `error:` line and a non-zero exit, not a traceback."""
     code = (
         "import sys; from mtad_trt.backends.ort import OrtRunner; real = OrtRunner.step; n = [0]\n"
-        "def step(self, inputs):\n"
+        "def step(self, inputs, first_row=0):\n"
         "    n[0] += 1\n"
         "    if n[0] == 3: raise RuntimeError('[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code')\n"
-        "    return real(self, inputs)\n"
+        "    return real(self, inputs, first_row)\n"
         "OrtRunner.step = step\n"
         "from mtad_trt.cli import main; sys.argv = ['mtad-trt', *sys.argv[1:]]; main()\n"
     )

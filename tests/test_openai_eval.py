@@ -8,20 +8,20 @@ against transformers; tests/test_lm_eval.py runs lm-evaluation-harness against t
 from __future__ import annotations
 
 import math
-import re
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import httpx
 import openai
 import pytest
+from test_serve import metric, wait_for
 
 from mtad_trt import Pipeline
 from mtad_trt.engine.logprobs import TokenLogprob
+from mtad_trt.folder.tokenizer import TokenTable
 from mtad_trt.serve import ServerSettings, ServerThread, create_app
-from mtad_trt.serve.protocol import LOGPROB_FLOOR, ChatShape, ChoiceState, CompletionShape, TokenTable
+from mtad_trt.serve.protocol import LOGPROB_FLOOR, ChatShape, ChoiceState, CompletionShape
 
 MODEL = "tiny-pair"
 PROMPTS = ["def fib(n):", "The quick brown fox", "import numpy as np\n", "Once upon a time"]
@@ -395,18 +395,6 @@ def test_bad_requests_through_the_client(client):
 
 
 # -- a request's choices are queued all or none ----------------------------------------------------------
-def _waiting(c: httpx.Client) -> float:
-    m = re.search(r'^mtad_trt:num_requests_waiting\{model_name="[^"]*"\} (\S+)$', c.get("/metrics").text, re.M)
-    return float(m.group(1))
-
-
-def _wait_for(cond, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
 def test_choices_that_do_not_all_fit_the_queue_are_all_refused(pair_engine, monkeypatch):
     with Pipeline.load(pair_engine, backend="ort") as pipe:  # one row: the rest wait
         gate, order = threading.Event(), []
@@ -422,13 +410,13 @@ def test_choices_that_do_not_all_fit_the_queue_are_all_refused(pair_engine, monk
         with ServerThread(app) as url, httpx.Client(base_url=url, trust_env=False, timeout=30) as c, \
                 ThreadPoolExecutor(2) as pool:
             running = pool.submit(c.post, "/v1/completions", json={"model": MODEL, "prompt": [7, 8], "max_tokens": 2})
-            _wait_for(lambda: len(order) == 1)
+            wait_for(lambda: len(order) == 1)
             waiting = pool.submit(c.post, "/v1/completions", json={"model": MODEL, "prompt": [9, 9], "max_tokens": 2})
-            _wait_for(lambda: _waiting(c) == 1)
+            wait_for(lambda: metric(c, "mtad_trt:num_requests_waiting") == 1)
             # 3 choices fit the limit (--max-queue 3) but only 2 fit the queue now: none is kept
             r = c.post("/v1/completions", json={"model": MODEL, "prompt": [5, 6], "n": 3, "max_tokens": 2})
             assert r.status_code == 429 and "queue is full" in r.json()["error"]["message"]
-            _wait_for(lambda: _waiting(c) == 1)
+            wait_for(lambda: metric(c, "mtad_trt:num_requests_waiting") == 1)
             gate.set()
             assert running.result().status_code == 200 and waiting.result().status_code == 200
             assert order == [[7, 8], [9, 9]]  # the refused request's choices never ran

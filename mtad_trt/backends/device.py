@@ -80,35 +80,29 @@ def on_stream(stream: Stream) -> Iterator[None]:
         yield
 
 
+def _on_own_stream(name: str):
+    """SlotCacheRunner.`name`, run with the runner's stream current (arguments pass through)."""
+
+    def method(self: StreamRunner, *args: Any, **kwargs: Any) -> Any:
+        with on_stream(self.stream):
+            return getattr(SlotCacheRunner, name)(self, *args, **kwargs)
+
+    method.__name__ = method.__qualname__ = name
+    return method
+
+
 class StreamRunner(SlotCacheRunner):
-    """SlotCacheRunner whose cache work runs on the runner's stream (`self.stream`); arguments pass
-    through unchanged, whatever the cache's signatures are."""
+    """SlotCacheRunner whose cache work (growing, shrinking, keeping, moving, prefix-cache copies)
+    runs on the runner's stream (`self.stream`), whatever the cache's signatures are."""
 
     stream: Stream
 
-    def reserve(self, *args: Any, **kwargs: Any) -> Any:
-        with on_stream(self.stream):
-            return super().reserve(*args, **kwargs)
-
-    def keep(self, *args: Any, **kwargs: Any) -> Any:
-        with on_stream(self.stream):
-            return super().keep(*args, **kwargs)
-
-    def move(self, *args: Any, **kwargs: Any) -> Any:
-        with on_stream(self.stream):
-            return super().move(*args, **kwargs)
-
-    def shrink(self, *args: Any, **kwargs: Any) -> Any:
-        with on_stream(self.stream):
-            return super().shrink(*args, **kwargs)
-
-    def read(self, *args: Any, **kwargs: Any) -> Any:
-        with on_stream(self.stream):
-            return super().read(*args, **kwargs)
-
-    def write(self, *args: Any, **kwargs: Any) -> Any:
-        with on_stream(self.stream):
-            return super().write(*args, **kwargs)
+    reserve = _on_own_stream("reserve")
+    shrink = _on_own_stream("shrink")
+    keep = _on_own_stream("keep")
+    move = _on_own_stream("move")
+    read = _on_own_stream("read")
+    write = _on_own_stream("write")
 
 
 class HostLogits:

@@ -142,7 +142,7 @@ class Row:
         s = self.runner.reserve(self.fits(t, slots))
         inp = self._bufs.get((t, len(rows), s))
         fill_row(inp, 0, self.n, tokens, parents, cache_ancestors, rows)
-        if self.row and getattr(self.runner, "row_window", False):  # this row's own cache row
+        if self.row and self.runner.row_window:  # this row's own cache row
             return as_step_out(self.runner.step(inp, first_row=self.row), self.runner.spec.vocab_size)
         return as_step_out(self.runner.step(inp), self.runner.spec.vocab_size)
 

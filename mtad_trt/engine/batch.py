@@ -43,7 +43,7 @@ class Batcher:
     def run(self, calls: Sequence[tuple[Row, Call]]) -> list[RowLogits]:
         s = self.runner.reserve(max(row.fits(len(call.tokens), call.slots) for row, call in calls))
         lo, hi = min(row.row for row, _ in calls), max(row.row for row, _ in calls) + 1
-        if getattr(self.runner, "row_window", False):  # only the rows in use, padded to a bucket
+        if self.runner.row_window:  # only the rows in use, padded to a bucket
             r = self.rows_for(hi - lo - 1)
             lo = min(lo, self.buckets[-1] - r)  # the window stays inside the cache
         else:  # rows 0..highest

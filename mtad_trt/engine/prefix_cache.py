@@ -83,11 +83,15 @@ class PrefixCache:
     # -- restore -------------------------------------------------------------------------------
     def restore(self, prompt: list[int], rows: dict[str, Row]) -> int:
         """Write the longest cached prefix of `prompt` that every model in `rows` has into those
-        rows (each at n = 0, or further along from an earlier restore); returns the tokens now
-        committed in every row. Counts the lookup once per prompt (see `count`)."""
-        if self.capacity_bytes <= 0 or not rows:
-            return min(r.n for r in rows.values()) if rows else 0
+        rows and return the tokens now committed in all of them. The rows hold only restored
+        blocks so far (n = 0, or where an earlier restore left them): one n, at a block edge."""
         b = self.block_size
+        done = {row.n for row in rows.values()}
+        if len(done) != 1 or next(iter(done)) % b:
+            raise ValueError(f"restore needs rows at one block edge, got n = {sorted(done)}")
+        done = done.pop()
+        if self.capacity_bytes <= 0:
+            return done
         blocks = self.reusable(prompt)
         found = blocks
         chains = {}
@@ -101,21 +105,17 @@ class PrefixCache:
                 n += 1
             chains[role] = keys
             found = min(found, n)
-        done = min(row.n for row in rows.values())
         target = found * b
         if target <= done:
             return done
         for role, row in rows.items():
-            start = row.n // b
-            if row.n % b:
-                continue  # a row fed past a block edge keeps its own columns (never here in practice)
             row.runner.reserve(target)
-            for i in range(start, found):
+            for i in range(done // b, found):
                 entry = self._entries[chains[role][i]]
                 self._entries.move_to_end(chains[role][i])
                 row.runner.write(row.row, i * b, entry.kv)
             row.n = target
-        return min(row.n for row in rows.values())
+        return target
 
     def count(self, prompt_tokens: int, cached: int) -> None:
         """Book one request's lookup: its prompt length and the tokens it got from the cache."""
@@ -150,11 +150,3 @@ class PrefixCache:
     def clear(self) -> None:
         self._entries.clear()
         self.nbytes = 0
-
-
-def kv_bytes_per_token(runner: ModelRunner) -> int:
-    """One model's KV bytes per cached token (keys and values, every layer)."""
-    from mtad_trt.contract import DTYPE_BYTES
-
-    s = runner.spec
-    return 2 * s.num_layers * s.num_kv_heads * s.head_dim * DTYPE_BYTES[s.dtype]

@@ -239,7 +239,8 @@ class Scheduler:
                 continue
             used = max((r.state.row(role).n for r in self.running
                         if role == "target" or r.state.draft is not None), default=0)
-            runner.shrink(2 * used)
+            if 2 * used < runner.bucket:  # else no smaller bucket can hold it: nothing to do this step
+                runner.shrink(2 * used)
 
     def _prefill_phase(self, updates: list[Update]) -> None:
         """One chunk per model, for as many newcomers (in arrival order) as the token budget allows."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 import abc
 import json
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -25,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mtad_trt.engine.logprobs import TokenLogprob
 from mtad_trt.engine.params import DECODERS, MAX_LOGPROBS
+from mtad_trt.folder.tokenizer import TokenTable
 
 # Settings a request may carry as extra body fields (vLLM-style), besides the OpenAI ones.
 EXTRA_FIELDS = ("top_k", "decoder", "gamma", "beam_width", "threshold", "reference", "ignore_eos",
@@ -267,94 +267,6 @@ class ChatCompletionRequest(_GenerationRequest):
                 content = "\n".join(p.text or "" for p in content)
             msgs.append({"role": m.role, "content": content or ""})
         return msgs
-
-
-# -- token strings -----------------------------------------------------------------------------------
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, reversed: the character a byte-level BPE vocabulary writes for
-    each byte -> that byte (printable bytes stand for themselves, the rest are shifted past 255)."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = list(bs)
-    shifted = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + shifted)
-            shifted += 1
-    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
-
-
-_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-
-
-class TokenTable:
-    """Each token id's bytes and display string, as logprobs responses show tokens.
-
-    The bytes are the token's own: for a byte-level BPE vocabulary (GPT-2, Qwen, Llama 3) its
-    vocabulary entry mapped back through the byte alphabet, so a token holding part of a UTF-8
-    character has exactly those bytes; a SentencePiece `<0xNN>` byte token is that byte; other
-    entries are their text with `▁` as a space; added tokens (`<|im_end|>`) are their content. The
-    display string is the bytes as UTF-8, or OpenAI's `bytes:\\xNN...` where they are not valid
-    UTF-8 on their own. Distinct tokens have distinct strings, so `top_logprobs` dicts lose none.
-    """
-
-    def __init__(self, tokenizer) -> None:
-        backend = getattr(tokenizer, "backend", None) or getattr(tokenizer, "backend_tokenizer", None)
-        if backend is None:
-            raise TypeError(f"cannot read token strings from a {type(tokenizer).__name__}")
-        self.backend = backend
-        self.added = {int(i): t.content for i, t in backend.get_added_tokens_decoder().items()}
-        self.special = {int(i) for i, t in backend.get_added_tokens_decoder().items() if t.special}
-        self.byte_level = _has_byte_level(json.loads(backend.to_str()).get("decoder"))
-        self._bytes: dict[int, bytes] = {}
-        self._text: dict[int, str] = {}
-        self._decoder = _byte_decoder()
-
-    def bytes(self, tid: int) -> bytes:
-        b = self._bytes.get(tid)
-        if b is None:
-            b = self._bytes[tid] = self._token_bytes(tid)
-        return b
-
-    def _token_bytes(self, tid: int) -> bytes:
-        if tid in self.added:
-            return self.added[tid].encode("utf-8")
-        tok = self.backend.id_to_token(tid)
-        if tok is None:
-            return b""
-        if self.byte_level:
-            d = self._decoder
-            return b"".join(bytes([d[ch]]) if ch in d else ch.encode("utf-8") for ch in tok)
-        m = _BYTE_FALLBACK.fullmatch(tok)
-        if m:
-            return bytes([int(m.group(1), 16)])
-        return tok.replace("\u2581", " ").encode("utf-8")
-
-    def text(self, tid: int) -> str:
-        s = self._text.get(tid)
-        if s is None:
-            b = self.bytes(tid)
-            try:
-                s = b.decode("utf-8")
-            except UnicodeDecodeError:
-                s = "bytes:" + "".join(f"\\x{x:02x}" for x in b)
-            self._text[tid] = s
-        return s
-
-    def width(self, tid: int, skip_special: bool) -> int:
-        """How many characters the token starts in decoded text (a UTF-8 continuation byte starts
-        none; a special token skipped in the text has none)."""
-        if skip_special and tid in self.special:
-            return 0
-        return sum(1 for x in self.bytes(tid) if x & 0xC0 != 0x80)
-
-
-def _has_byte_level(node: Any) -> bool:
-    if isinstance(node, dict):
-        return node.get("type") == "ByteLevel" or any(_has_byte_level(v) for v in node.values())
-    if isinstance(node, list):
-        return any(_has_byte_level(v) for v in node)
-    return False
 
 
 def _lp(x: float) -> float:

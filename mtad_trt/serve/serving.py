@@ -29,6 +29,7 @@ from starlette.requests import ClientDisconnect
 from mtad_trt.client import RuntimeClient
 from mtad_trt.engine.request import Piece
 from mtad_trt.errors import MtadError
+from mtad_trt.folder.tokenizer import TokenTable
 from mtad_trt.serve.errors import ApiError, as_api_error, parse
 from mtad_trt.serve.job import Job
 from mtad_trt.serve.protocol import (
@@ -39,7 +40,6 @@ from mtad_trt.serve.protocol import (
     CompletionRequest,
     CompletionShape,
     Shape,
-    TokenTable,
     sse,
 )
 from mtad_trt.serve.settings import ServerSettings
