@@ -363,7 +363,11 @@ def test_a_replica_that_cannot_load_fails_the_deploy(cluster, pair_engine, tmp_p
 @needs_ray
 def test_the_proxy_answers_429_past_the_queue_limit(cluster, pair_engine):
     """One replica running one request with one more queued at Ray's proxy: the rest of a burst
-    get 429 with Retry-After from the proxy (Ray's backpressure), none of them hangs or fails."""
+    get 429 with Retry-After from the proxy (Ray's backpressure), none of them hangs or fails.
+
+    How many of the burst get through is Ray's router's business and not exact: its view of the
+    replica's queue lags (a CI run saw the warm-up request still counted, so only one of six got
+    in). What is ours to hold: some are served, the rest are refused fast with Retry-After."""
     config = ServerSettings(engines=str(pair_engine), backend="ort", model_name="tight", max_batch=1)
     options = ray_replica.RayOptions(num_replicas=1, num_cpus=0.25, max_ongoing_requests=1, max_queued_requests=1)
     ray_driver.deploy(ray_replica.deployment(config, options), name="tight", route_prefix="/tight", timeout_s=120)
@@ -374,7 +378,7 @@ def test_the_proxy_answers_429_past_the_queue_limit(cluster, pair_engine):
             with ThreadPoolExecutor(6) as pool:
                 answers = list(pool.map(lambda _: c.post("/v1/completions", json=body), range(6)))
         codes = sorted(r.status_code for r in answers)
-        assert set(codes) == {200, 429} and codes.count(200) >= 2, codes  # one running + one queued at least
+        assert set(codes) == {200, 429} and codes.count(429) >= 3, codes  # capacity is 2: most are refused
         assert all(r.headers.get("retry-after") for r in answers if r.status_code == 429)
     finally:
         serve.delete("tight")
