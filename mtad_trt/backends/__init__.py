@@ -185,8 +185,8 @@ def default_max_batch(manifest: Manifest, roles: list[str], device: str, folder:
 def check_memory(manifest: Manifest, roles: list[str], rows: int, device: str, folder: Path | None = None) -> int:
     """Refuse at load, naming the sizes, a KV cache (+ graph weights) that cannot fit in memory.
 
-    Host caches are zeroed with calloc, whose pages are only committed when first written: without
-    this check an oversized --max-batch would load fine and be OOM-killed mid-request.
+    Host caches are committed when allocated (`kvcache.committed_zeros`): without this check an
+    oversized --max-batch would push the machine into swap or be OOM-killed while loading.
     Returns the KV-cache bytes.
     """
     kv = {role: kv_cache_bytes(manifest.role(role).spec, rows) for role in roles}
