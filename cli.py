@@ -130,10 +130,8 @@ def models_list() -> None:
                    "(e.g. draft=int8,target=same): a small draft loses most in its LM head.")
 @click.option("--topk-head", default=64, show_default=True,
               help="Top-k head width in the graph (top-k sampling and greedy without reading the full logits; 0 = none).")
-@click.option("--attention", type=click.Choice(["auto", "grouped", "split", "eager"]), default="auto", show_default=True,
-              help="Attention formulation in the graph: auto = split for quantized graphs (ONNX Runtime: the past "
-                   "cache is not copied every step), grouped for float ones (TensorRT fuses that form); eager "
-                   "(repeat_kv) only to measure the difference.")
+@click.option("--attention", type=click.Choice(["grouped", "eager"]), default="grouped", show_default=True,
+              help="Attention formulation in the graph; eager (repeat_kv) only to measure the difference.")
 @friendly
 def export(draft, target, out, max_seq_len, dtype, opset, force, quantize, block_size, lm_head,
            topk_head, attention) -> None:

@@ -16,7 +16,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import mtad_trt
-from mtad_trt.contract.wrapper import ATTENTION_FORMS
 from mtad_trt.errors import MtadError
 from mtad_trt.export import sources
 from mtad_trt.export.role import export_role
@@ -43,17 +42,6 @@ def _check_destination(out: Path, force: bool) -> None:
         raise MtadError(f"cannot write into {parent}: {e.strerror}") from None
 
 
-def attention_for(attention: str, scheme: str) -> str:
-    """The attention form of one role's graph: "auto" is "split" for quantized graphs (ONNX Runtime
-    only: not joining the past and new keys saves a copy of the cache per step) and "grouped" for
-    float ones (what TensorRT builds from: its attention fusion expects the joined keys)."""
-    if attention not in ("auto", *ATTENTION_FORMS):
-        raise MtadError(f"attention must be auto or one of {', '.join(ATTENTION_FORMS)}, not {attention!r}")
-    if attention != "auto":
-        return attention
-    return "grouped" if scheme == "none" else "split"
-
-
 def export_pair(
     draft: str | None,
     target: str,
@@ -66,13 +54,12 @@ def export_pair(
     quantize: dict[str, str] | None = None,
     block_size: int = 128,
     lm_head: dict[str, str] | str = "same",
-    attention: str = "auto",
+    attention: str = "grouped",
     topk_head: int = DEFAULT_TOPK_HEAD,
 ) -> Manifest:
     """Export `draft` (optional) and `target` into the engine folder `out`.
 
     quantize: scheme per role ("none" | "int8" | "int4"), e.g. {"draft": "int4", "target": "int4"}.
-    attention: the graph's attention form (`contract.wrapper`); "auto" = `attention_for` per role.
     """
     say = progress or (lambda msg: None)
     out = Path(out)
@@ -101,7 +88,6 @@ def export_pair(
         if why:
             raise MtadError(f"draft and target tokenizers differ: {why}; they must share one tokenizer")
 
-    forms = {role: attention_for(attention, quantize.get(role, "none")) for role in srcs}
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         tok = toks["target"]
@@ -115,7 +101,7 @@ def export_pair(
                 roles[role] = export_role(
                     srcs[role], configs[role], source, tmp, role, dtype, max_seq_len, opset, say,
                     quant=quantize.get(role, "none"), tokenizer=toks[role],
-                    block_size=block_size, lm_head=heads.get(role, "same"), attention=forms[role],
+                    block_size=block_size, lm_head=heads.get(role, "same"), attention=attention,
                     topk_head=topk_head,
                 )
             finally:
@@ -128,7 +114,7 @@ def export_pair(
             pad_token_id=tok.pad_token_id,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             export_settings={"dtype": dtype, "opset": opset, "max_seq_len": max_seq_len, "quantize": quantize,
-                             "block_size": block_size, "lm_head": heads, "attention": forms, "topk_head": topk_head},
+                             "block_size": block_size, "lm_head": heads, "attention": attention, "topk_head": topk_head},
         )
         manifest.save(tmp)
         if out.exists():

@@ -12,32 +12,14 @@ is baked into the graph), and explicit positions.
 
 from __future__ import annotations
 
-import threading
-
 import torch
 from torch import nn
 from transformers import AttentionInterface, DynamicCache
-from transformers.cache_utils import Cache, DynamicLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 from mtad_trt.contract import attention_layout
 
 ATTN_NAME = "mtad_grouped"
-SPLIT_NAME = "mtad_split"
-ATTENTION_FORMS = ("grouped", "split", "eager")
-
-
-def _probs(w, attention_mask, softcap, b: int, hkv: int, g: int, t: int, dtype):
-    """Scores [B, Hkv, G*T, keys] -> attention weights: soft-cap, additive mask, softmax in float32."""
-    if softcap is not None:
-        w = torch.tanh(w / softcap) * softcap
-    if attention_mask is not None:
-        w = w.view(b, hkv, g, t, -1) + attention_mask.unsqueeze(2)  # mask [B,1,T,S+T] -> [B,1,1,T,S+T]
-        w = w.view(b, hkv, g * t, -1)
-    # Cast, then softmax: not softmax(w, dtype=float32). torch-onnx (onnxscript's aten::softmax.int)
-    # exports that as a Softmax in the input's dtype with a Cast of its *output*, so an fp16 graph
-    # would normalise in fp16 (docs/gpu.md, "fp16 attention softmax"). Identical in torch.
-    return torch.softmax(w.float(), dim=-1).to(dtype)
 
 
 def grouped_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, softcap=None, **kwargs):
@@ -52,62 +34,24 @@ def grouped_attention(module, query, key, value, attention_mask, scaling, dropou
     hkv = key.shape[1]
     g = h // hkv
     q = query.reshape(b, hkv, g * t, d)
-    w = _probs(torch.matmul(q, key.transpose(2, 3)) * scaling, attention_mask, softcap, b, hkv, g, t, query.dtype)
+    w = torch.matmul(q, key.transpose(2, 3)) * scaling  # [B, Hkv, G*T, S+T]
+    if softcap is not None:
+        w = torch.tanh(w / softcap) * softcap
+    if attention_mask is not None:
+        w = w.view(b, hkv, g, t, -1) + attention_mask.unsqueeze(2)  # mask [B,1,T,S+T] -> [B,1,1,T,S+T]
+        w = w.view(b, hkv, g * t, -1)
+    # Cast, then softmax: not softmax(w, dtype=float32). torch-onnx (onnxscript's aten::softmax.int)
+    # exports that as a Softmax in the input's dtype with a Cast of its *output*, so an fp16 graph
+    # would normalise in fp16 (docs/gpu.md, "fp16 attention softmax"). Identical in torch.
+    w = torch.softmax(w.float(), dim=-1).to(query.dtype)
     out = torch.matmul(w, value)  # [B, Hkv, G*T, D]
     out = out.view(b, h, t, d).transpose(1, 2).contiguous()
     return out, None
 
 
-class _Step(threading.local):
-    layers: list | None = None  # the running wrapper's `_ApartLayer`s (split attention reads the past there)
-
-
-_STEP = _Step()
-
-
-class _ApartLayer(DynamicLayer):
-    """A cache layer that never concatenates: the past stays where it is (so the layer reports its
-    length), `update` keeps this step's K/V apart in `new` and returns them alone."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        super().__init__()
-        self.keys, self.values, self.device, self.is_initialized = keys, values, keys.device, True
-        self.new: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        self.new = (key_states, value_states)
-        return key_states, value_states
-
-
-def split_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, softcap=None, **kwargs):
-    """`grouped_attention` over the past cache and this step's keys without joining them.
-
-    Joining them (the cache's `update`) is a Concat in the graph that writes the whole past again
-    every step — for 5 rows at 2,048 slots, 10 MB per K or V tensor of each layer, more memory
-    traffic than the attention itself. Here the scores are computed against the past and the new
-    keys apart and joined (scores are [.., G*T, S+T]: small for a decode step), one softmax runs
-    over both, and the output is the sum of the two products. The same function mathematically;
-    used for graphs only ONNX Runtime runs (quantized ones): TensorRT's attention fusion looks
-    for the joined form.
-    """
-    past = _STEP.layers[module.layer_idx]
-    b, h, t, d = query.shape
-    hkv = key.shape[1]
-    g = h // hkv
-    s = past.keys.shape[2]
-    q = query.reshape(b, hkv, g * t, d)
-    w = torch.cat([torch.matmul(q, past.keys.transpose(2, 3)), torch.matmul(q, key.transpose(2, 3))], dim=-1)
-    w = _probs(w * scaling, attention_mask, softcap, b, hkv, g, t, query.dtype)
-    out = torch.matmul(w[..., :s], past.values) + torch.matmul(w[..., s:], value)  # [B, Hkv, G*T, D]
-    out = out.view(b, h, t, d).transpose(1, 2).contiguous()
-    return out, None
-
-
 AttentionInterface.register(ATTN_NAME, grouped_attention)
-AttentionInterface.register(SPLIT_NAME, split_attention)
 # The model keeps working outside the wrapper too (2-D masks get eager's additive causal mask).
 AttentionMaskInterface.register(ATTN_NAME, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
-AttentionMaskInterface.register(SPLIT_NAME, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
 
 
 def cache_keyword(model: nn.Module) -> str:
@@ -165,22 +109,20 @@ def stable_logsumexp(logits: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
 
 
 class ContractWrapper(nn.Module):
-    """attention="grouped" (default) folds query heads onto KV heads; "split" does the same without
-    joining the past and the new keys (`split_attention`: the CPU graphs); "eager" is transformers'
-    own repeat_kv formulation, kept to measure the difference. topk > 0 adds the top-k head outputs."""
+    """attention="grouped" (default) folds query heads onto KV heads; "eager" is transformers' own
+    repeat_kv formulation, kept to measure the difference. topk > 0 adds the top-k head outputs."""
 
     def __init__(self, model: nn.Module, attention: str = "grouped", topk: int = 0) -> None:
         super().__init__()
-        if attention not in ATTENTION_FORMS:
-            raise ValueError(f"attention must be one of {ATTENTION_FORMS}, not {attention!r}")
-        self.split = attention == "split"
+        if attention not in ("grouped", "eager"):
+            raise ValueError(f"attention must be 'grouped' or 'eager', not {attention!r}")
         self.model = model
         cfg = model.config
         self.num_layers = cfg.num_hidden_layers
         self.decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         self.lm_head = model.get_output_embeddings()
         self.cache_kw = cache_keyword(self.decoder)
-        cfg._attn_implementation = {"grouped": ATTN_NAME, "split": SPLIT_NAME, "eager": "eager"}[attention]
+        cfg._attn_implementation = ATTN_NAME if attention == "grouped" else "eager"
         self.mask_dtype = next(model.parameters()).dtype
         window, types = attention_layout(cfg)
         self.sliding = window is not None and "sliding_attention" in types
@@ -207,26 +149,19 @@ class ContractWrapper(nn.Module):
         pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)]
         # No config: every layer a plain DynamicLayer holding all S+T keys. With the config,
         # sliding layers would keep only W-1 of them, which no S+T wide mask fits.
-        if self.split:
-            layers = [_ApartLayer(k, v) for k, v in pairs]
-            cache, _STEP.layers = Cache(layers=layers), layers
-        else:
-            cache = DynamicCache(ddp_cache_data=pairs)
+        cache = DynamicCache(ddp_cache_data=pairs)
         mask = self._additive(attention_mask)
         if self.sliding:
             slide = self._additive(sliding_mask)
             mask = {"full_attention": mask, "sliding_attention": slide} if self.masks_by_type else slide
-        try:
-            with _pinned_rope(self.longrope):
-                out = self.decoder(
-                    input_ids=input_ids,
-                    position_ids=position_ids,
-                    attention_mask=mask,
-                    use_cache=True,
-                    **{self.cache_kw: cache},
-                )
-        finally:
-            _STEP.layers = None
+        with _pinned_rope(self.longrope):
+            out = self.decoder(
+                input_ids=input_ids,
+                position_ids=position_ids,
+                attention_mask=mask,
+                use_cache=True,
+                **{self.cache_kw: cache},
+            )
         hidden = out.last_hidden_state  # [B, T, H]
         idx = logits_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
         picked = torch.gather(hidden, 1, idx)  # [B, K, H]: the LM head runs only where asked
@@ -239,5 +174,6 @@ class ContractWrapper(nn.Module):
             head = (values, indices, stable_logsumexp(logits, values[..., :1]))
         new = []
         for layer in cache.layers:
-            new.extend(layer.new if self.split else (layer.keys[:, :, -t:, :], layer.values[:, :, -t:, :]))
+            new.append(layer.keys[:, :, -t:, :])
+            new.append(layer.values[:, :, -t:, :])
         return (logits, *head, *new)
