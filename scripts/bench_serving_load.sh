@@ -8,6 +8,8 @@
 # level also records where the batch's time went (model calls per phase vs host work, /metrics).
 #
 #   bash scripts/bench_serving_load.sh [ENGINES] [OUT_DIR]
+#   LONG_ONLY=1 bash scripts/bench_serving_load.sh engines/qwen2.5-coder docs/data/serving-long
+#     (only the long-prompt runs: the defaults and --prefill-chunk 32)
 #
 # Needs a quiet machine. One JSON per (config, decoder) in OUT_DIR (default docs/data/serving-load).
 set -euo pipefail
@@ -38,7 +40,11 @@ run_config() {  # name, then "decoder[:levels[:long prompt tokens]]" entries, th
   stop_server "$name"
 }
 
-run_config defaults ar sps mtad ar:4:1500 mtad:4:1500 --
-run_config no-prefix-cache ar sps mtad -- --prefix-cache-mb 0
-run_config throughput-first mtad -- --throughput-first
+if [ -n "${LONG_ONLY:-}" ]; then
+  run_config defaults ar:4:1500 mtad:4:1500 --
+else
+  run_config defaults ar sps mtad ar:4:1500 mtad:4:1500 --
+  run_config no-prefix-cache ar sps mtad -- --prefix-cache-mb 0
+  run_config throughput-first mtad -- --throughput-first
+fi
 run_config chunk32 ar:4:1500 mtad:4:1500 -- --prefill-chunk 32
