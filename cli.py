@@ -128,13 +128,17 @@ def models_list() -> None:
 @click.option("--lm-head", default="same", show_default=True,
               help="LM head of quantized graphs: same (the role's scheme) | float | int8 | int4, or per role "
                    "(e.g. draft=int8,target=same): a small draft loses most in its LM head.")
+@click.option("--embedding", type=click.Choice(["float", "quantized"]), default="float", show_default=True,
+              help="Embedding table of quantized graphs: float, or quantized in the role's scheme (ONNX "
+                   "Runtime's GatherBlockQuantized): 43% smaller engine folders for the default pair, same "
+                   "speed and perplexity (docs/export.md).")
 @click.option("--topk-head", default=64, show_default=True,
               help="Top-k head width in the graph (top-k sampling and greedy without reading the full logits; 0 = none).")
 @click.option("--attention", type=click.Choice(["grouped", "eager"]), default="grouped", show_default=True,
               help="Attention formulation in the graph; eager (repeat_kv) only to measure the difference.")
 @friendly
 def export(draft, target, out, max_seq_len, dtype, opset, force, quantize, block_size, lm_head,
-           topk_head, attention) -> None:
+           embedding, topk_head, attention) -> None:
     """Export a draft/target pair to ONNX graphs with KV-cache I/O, parity-checked."""
     from mtad_trt.extras import EXPORT, require
 
@@ -147,7 +151,8 @@ def export(draft, target, out, max_seq_len, dtype, opset, force, quantize, block
     dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype]
     manifest = export_pair(draft, target, out, max_seq_len, dtype, opset, force, progress=_progress(),
                            quantize=parse_quantize(quantize), block_size=block_size,
-                           lm_head=parse_quantize(lm_head), attention=attention, topk_head=topk_head)
+                           lm_head=parse_quantize(lm_head), embedding=embedding, attention=attention,
+                           topk_head=topk_head)
     for role, entry in manifest.roles.items():
         q = entry.quantization
         extra = ""

@@ -54,19 +54,24 @@ def export_pair(
     quantize: dict[str, str] | None = None,
     block_size: int = 128,
     lm_head: dict[str, str] | str = "same",
+    embedding: str = "float",
     attention: str = "grouped",
     topk_head: int = DEFAULT_TOPK_HEAD,
 ) -> Manifest:
     """Export `draft` (optional) and `target` into the engine folder `out`.
 
     quantize: scheme per role ("none" | "int8" | "int4"), e.g. {"draft": "int4", "target": "int4"}.
+    embedding: the embedding table of quantized graphs, "float" or "quantized" (the role's scheme).
     """
     say = progress or (lambda msg: None)
     out = Path(out)
     if opset < 18:
         raise MtadError(f"opset {opset} is too old: the contract needs opset >= 18")
     quantize = quantize or {}
-    from mtad_trt.export.quantize import LM_HEAD, SCHEMES
+    from mtad_trt.export.quantize import EMBEDDING, LM_HEAD, SCHEMES
+
+    if embedding not in EMBEDDING:
+        raise MtadError(f"bad embedding setting {embedding!r} (choices: {', '.join(EMBEDDING)})")
 
     heads = {"draft": lm_head, "target": lm_head} if isinstance(lm_head, str) else dict(lm_head)
     for role, head in heads.items():
@@ -101,7 +106,7 @@ def export_pair(
                 roles[role] = export_role(
                     srcs[role], configs[role], source, tmp, role, dtype, max_seq_len, opset, say,
                     quant=quantize.get(role, "none"), tokenizer=toks[role],
-                    block_size=block_size, lm_head=heads.get(role, "same"), attention=attention,
+                    block_size=block_size, lm_head=heads.get(role, "same"), attention=attention, embedding=embedding,
                     topk_head=topk_head,
                 )
             finally:
@@ -114,7 +119,8 @@ def export_pair(
             pad_token_id=tok.pad_token_id,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             export_settings={"dtype": dtype, "opset": opset, "max_seq_len": max_seq_len, "quantize": quantize,
-                             "block_size": block_size, "lm_head": heads, "attention": attention, "topk_head": topk_head},
+                             "block_size": block_size, "lm_head": heads, "embedding": embedding, "attention": attention,
+                             "topk_head": topk_head},
         )
         manifest.save(tmp)
         if out.exists():

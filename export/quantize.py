@@ -1,4 +1,5 @@
-"""Weight-only quantization for the ONNX Runtime CPU path: `MatMulNBits`, one block of rows at a time.
+"""Weight-only quantization for the ONNX Runtime CPU path: `MatMulNBits` for the matmuls and
+`GatherBlockQuantized` for the embedding lookup, one block of rows at a time.
 
 `int4` / `int8`: ONNX Runtime's block-wise `MatMulNBits`, symmetric (asymmetric int8-compute
 kernels give wrong single-token results on AVX2-only CPUs), `accuracy_level=4` (int8 activations
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 
 SCHEMES = {"none": 0, "int8": 8, "int4": 4}
 LM_HEAD = {"same": None, "float": 0, "int8": 8, "int4": 4}  # --lm-head: bits for the LM head (None: the role's)
+EMBEDDING = {"float": 0, "quantized": None}  # --embedding: the table stays float, or takes the role's scheme
 
 
 def quantize_rows(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -112,5 +114,59 @@ def quantize_matmuls(graph_model: ir.Model, entries: list[Entry], bits: int, blo
         if not e.value.uses():
             out.remove(e)
     if count:
+        graph_model.opset_imports.setdefault("com.microsoft", 1)
+    return out
+
+
+GATHER_KEY = "#gather"  # suffix of an embedding's key in the quantized-weights record (its LM head may differ)
+
+
+def quantize_gathers(graph_model: ir.Model, entries: list[Entry], bits: int, block_size: int,
+                     vocab_size: int) -> list[Entry]:
+    """The embedding lookup `Gather(E [V, H], ids)` -> ONNX Runtime's `GatherBlockQuantized`.
+
+    E's rows are quantized exactly as `quantize_rows` quantizes a weight's rows (blocks along H,
+    symmetric, the same codes and scales layout, stored as [V, H·bits/8]), so one reading of the
+    codes serves both operators. In a float32 int4 graph the embedding was the largest float tensor
+    left (V·H·4 bytes: 0.93 GB of the 1.5B target's 1.75 GB, 2.2 GB of a 7B's 5.9 GB); its lookup
+    reads T rows a step, so the codes cost nothing in speed (measured: docs/export.md). Opt-in
+    (`--embedding quantized`). H must be a multiple of the block (the operator has no padded last
+    block); otherwise the embedding stays float."""
+    from mtad_trt.export.weights import Entry
+
+    if bits == 0 or block_size < 16 or block_size & (block_size - 1):
+        return entries
+    graph = graph_model.graph
+    by_value = {id(e.value): e for e in entries if e.source is not None and not e.transpose and e.quant is None}
+    out = list(entries)
+    for node in list(graph):
+        if node.op_type != "Gather" or node.inputs[0] is None:
+            continue
+        e = by_value.get(id(node.inputs[0]))
+        axis = node.attributes.get("axis")
+        if e is None or len(e.shape) != 2 or e.shape[0] != vocab_size or (axis is not None and axis.as_int() != 0):
+            continue
+        v, h = e.shape
+        if h % block_size:
+            continue
+        kb = h // block_size
+        codes = ir.Value(name=f"{e.value.name}_G{bits}", shape=ir.Shape([v, h * bits // 8]),
+                         type=ir.TensorType(ir.DataType.UINT8))
+        scales = ir.Value(name=f"{e.value.name}_G{bits}_scales", shape=ir.Shape([v, kb]),
+                          type=ir.TensorType(ir.DataType.FLOAT))
+        new = ir.node("GatherBlockQuantized", inputs=[codes, node.inputs[1], scales], domain="com.microsoft",
+                      attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": block_size, "bits": bits},
+                      name=f"{node.name}_G{bits}")
+        graph.insert_before(node, new)
+        old_out = node.outputs[0]
+        ir.convenience.replace_all_uses_with(old_out, new.outputs[0], replace_graph_outputs=True)
+        new.outputs[0].name, old_out.name = old_out.name, None
+        new.outputs[0].shape, new.outputs[0].type = old_out.shape, old_out.type
+        graph.remove(node, safe=True)
+        out.append(Entry(codes, ir.DataType.UINT8, (v, h * bits // 8), source=e.source,
+                         quant={"bits": bits, "block_size": block_size, "key": e.source + GATHER_KEY}, scales=scales))
+        if not e.value.uses():
+            graph.initializers.pop(e.value.name, None)
+            out.remove(e)
         graph_model.opset_imports.setdefault("com.microsoft", 1)
     return out

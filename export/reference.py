@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from mtad_trt.errors import MtadError
+from mtad_trt.export.quantize import GATHER_KEY
 from mtad_trt.export.tensors import TensorInfo, TensorSource, row_blocks
 from mtad_trt.export.weights import param_names, pipelined
 
@@ -166,7 +167,8 @@ def streamed_logits(model: nn.Module, source: TensorSource, ids: list[int], keep
     `model` is a float32 meta model (onnx_export.meta_model). With `fake(name, w) -> w'` (the
     weights a quantized engine really multiplies by), a second batch row runs in lockstep with
     each layer's weights replaced by fake(...) after the float row has run: one pass over the
-    checkpoint gives both the float reference and the quantized graph's own float arithmetic.
+    checkpoint gives both the float reference and the quantized graph's own float arithmetic (the
+    embedding rows too, when the graph looks them up quantized: `fake(name + GATHER_KEY, rows)`).
     Returns (float logits, fake-quantized logits or None).
     """
     names = param_names(model)
@@ -188,13 +190,21 @@ def streamed_logits(model: nn.Module, source: TensorSource, ids: list[int], keep
     def embed_forward(self, input_ids):
         uniq, inverse = torch.unique(input_ids, return_inverse=True)
         rows = np.stack([source.read(embed_name, slice(i, i + 1))[0] for i in uniq.tolist()])
-        meta, pad = self.weight, getattr(self, "padding_idx", None)
-        self.weight = nn.Parameter(torch.from_numpy(rows), requires_grad=False)
-        self.padding_idx = None  # it only masks gradients; an index past the gathered rows would be refused
-        try:
-            return type(self).forward(self, inverse)
-        finally:
-            self.weight, self.padding_idx = meta, pad
+        quantized = fake(embed_name + GATHER_KEY, rows) if fake is not None else None
+
+        def lookup(table: np.ndarray, idx: torch.Tensor) -> torch.Tensor:
+            meta, pad = self.weight, getattr(self, "padding_idx", None)
+            self.weight = nn.Parameter(torch.from_numpy(np.ascontiguousarray(table)), requires_grad=False)
+            self.padding_idx = None  # it only masks gradients; an index past the gathered rows would be refused
+            try:
+                return type(self).forward(self, idx)
+            finally:
+                self.weight, self.padding_idx = meta, pad
+
+        if quantized is None:
+            return lookup(rows, inverse)
+        # the quantized row (batch row 1) looks up the rows the engine's GatherBlockQuantized returns
+        return torch.cat([lookup(rows, inverse[:1]), lookup(quantized.astype(np.float32), inverse[1:])], 0)
 
     def head_forward(self, hidden):
         parts = []

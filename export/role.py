@@ -60,10 +60,10 @@ PROSE = (
 
 def build_graph(model, spec: ModelSpec, source: TensorSource, path: Path, opset: int, attention: str,
                 quant: str, block_size: int, lm_head: str = "same", say: Say | None = None, label: str = "",
-                stages: dict | None = None) -> dict:
+                stages: dict | None = None, embedding: str = "float") -> dict:
     """Trace `model` (meta), bind and stream its weights from `source` into `path` (+ `.data`).
     With `stages`, the two halves are recorded as the stages "graph" and "weights"."""
-    from mtad_trt.export.quantize import LM_HEAD, SCHEMES, quantize_matmuls
+    from mtad_trt.export.quantize import EMBEDDING, LM_HEAD, SCHEMES, quantize_gathers, quantize_matmuls
 
     with stage("graph", stages):
         try:
@@ -76,6 +76,8 @@ def build_graph(model, spec: ModelSpec, source: TensorSource, path: Path, opset:
         entries = weights.fold_transposes(graph, entries)
         if quant != "none":
             entries = quantize_matmuls(graph, entries, SCHEMES[quant], block_size, spec.vocab_size, LM_HEAD[lm_head])
+            table_bits = SCHEMES[quant] if EMBEDDING[embedding] is None else EMBEDDING[embedding]
+            entries = quantize_gathers(graph, entries, table_bits, block_size, spec.vocab_size)
     need = sum(weights.stored_bytes(e) for e in entries)
     path.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(path.parent).free
@@ -84,7 +86,8 @@ def build_graph(model, spec: ModelSpec, source: TensorSource, path: Path, opset:
     eta = Eta(say, f"{label}: weights", unit="params") if say is not None else None
     with stage("weights", stages):
         record = weights.write(graph, entries, source, path, progress=eta)
-    record["quantized"] = {e.source: dict(e.quant) for e in entries if e.quant is not None}
+    record["quantized"] = {e.quant.get("key", e.source): {k: e.quant[k] for k in ("bits", "block_size")}
+                           for e in entries if e.quant is not None}
     proto = onnx.load(str(path), load_external_data=False)
     rename_dims(proto, spec)
     onnx.save(proto, str(path))
@@ -109,7 +112,8 @@ def _perplexity(logits: np.ndarray, ids: list[int]) -> float:
 
 def export_role(src, config, source: TensorSource, folder: Path, role: str, dtype: str, max_seq_len: int,
                 opset: int, say: Say, quant: str = "none", tokenizer=None, block_size: int = 128,
-                lm_head: str = "same", attention: str = "grouped", topk_head: int = 64) -> RoleEntry:
+                lm_head: str = "same", attention: str = "grouped", topk_head: int = 64,
+                embedding: str = "float") -> RoleEntry:
 
     t_all = time.perf_counter()
     stages: dict = {}
@@ -123,7 +127,7 @@ def export_role(src, config, source: TensorSource, folder: Path, role: str, dtyp
     say(f"{role}: {spec.architecture}, {spec.num_layers} layers, vocab {spec.vocab_size}: graph and weights "
         f"({dtype}{'' if quant == 'none' else ', ' + quant})")
     written = build_graph(model, spec, source, path, opset, attention, quant, block_size, lm_head,
-                          say, role, stages)
+                          say, role, stages, embedding)
     del model
 
     with stage("truncated_parity", stages):
@@ -381,6 +385,8 @@ def _quant_record(scheme, block_size, lm_head, check, written, path) -> dict:
 
     graph = onnx.load(str(path), load_external_data=False)
     n = sum(1 for node in graph.graph.node if node.op_type == "MatMulNBits")
+    gathers = [node for node in graph.graph.node if node.op_type == "GatherBlockQuantized"]
+    table = {a.name: a.i for a in gathers[0].attribute} if gathers else None
     quality = {"ppl_float": check.get("ppl_reference"), "ppl_quantized": check.get("ppl_engine"),
                "ppl_ratio": check.get("ppl_ratio"), "top1_agreement": check.get("top1_agreement"),
                "text_tokens": check["tokens"].get("prose")}
@@ -388,4 +394,5 @@ def _quant_record(scheme, block_size, lm_head, check, written, path) -> dict:
     quality["relative_error"] = check["to_float_reference_relative_error"]
     return {"scheme": scheme, "op": "MatMulNBits", "bits": SCHEMES[scheme], "block_size": block_size,
             "symmetric": True, "accuracy_level": 4, "lm_head": scheme if lm_head == "same" else lm_head,
-            "quantized_matmuls": n, "quality": quality}
+            "quantized_matmuls": n, "embedding": f"int{table['bits']}" if table else "float",
+            "quality": quality}

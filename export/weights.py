@@ -7,7 +7,8 @@ model) or a computed buffer — and the graph gets the two rewrites the weights 
 - `Transpose(W) -> MatMul` (how the exporter writes `nn.Linear`) becomes `MatMul(Wᵀ)` with the
   transposed weight stored, as constant folding would have done, so no runtime pays a transpose;
 - with weight-only quantization, each such MatMul becomes ONNX Runtime's `MatMulNBits`
-  (`quantize.quantize_matmuls`), its codes computed block by block as the rows stream past.
+  (`quantize.quantize_matmuls`) and the embedding lookup `GatherBlockQuantized`
+  (`quantize.quantize_gathers`), their codes computed block by block as the rows stream past.
 
 Then `write` streams every tensor into one external-data file: a block of rows is read from the
 source as float32, converted (float16 / bfloat16 / transposed / quantized), written and dropped.
@@ -50,14 +51,20 @@ class Entry:
     source: str | None = None  # checkpoint tensor (float32 rows come from source.read)
     constant: np.ndarray | None = None  # or a value computed at export (RoPE frequencies)
     transpose: bool = False  # store the source's [N, K] as [K, N]
-    quant: dict | None = None  # {"bits", "block_size"}: store MatMulNBits codes of the source rows
+    quant: dict | None = None  # {"bits", "block_size"[, "key"]}: store block-quantized codes of the source rows
     scales: ir.Value | None = None  # quant: the scales value, written right after the codes
 
 
 def stored_bytes(e: Entry) -> int:
     """Bytes an entry takes in the data file (codes and scales for a quantized weight)."""
     n = int(e.dtype.itemsize) * int(np.prod(e.shape, dtype=np.int64))
-    return n + (4 * e.shape[0] * e.shape[1] if e.quant is not None else 0)
+    return n + (4 * int(np.prod(_scales_shape(e))) if e.quant is not None else 0)
+
+
+def _scales_shape(e: Entry) -> tuple[int, ...]:
+    """[rows, blocks per row] of a quantized entry (its codes are [rows, blocks, blob] for MatMulNBits,
+    [rows, blocks·blob] for GatherBlockQuantized)."""
+    return tuple(int(d) for d in e.scales.shape)
 
 
 def param_names(model) -> dict[int, list[str]]:
@@ -275,7 +282,7 @@ def _write_quantized(e: Entry, source: TensorSource, data: _DataFile, start: int
     info = source.info(e.source)
     bits, block = e.quant["bits"], e.quant["block_size"]
     row_bytes = int(np.prod(e.shape[1:], dtype=np.int64))
-    scales = np.empty((e.shape[0], e.shape[1]), dtype=np.float32)
+    scales = np.empty(_scales_shape(e), dtype=np.float32)
 
     def convert(rows):
         return rows, *quantize_rows(_read_checked(source, e.source, info, rows), bits, block)

@@ -19,7 +19,7 @@ def int4_engine(tmp_path_factory, qwen_draft, qwen_target):
     out = tmp_path_factory.mktemp("q") / "int4"
     # block 32: the tiny models' 64-wide matrices are smaller than the default block of 128
     export_pair(str(qwen_draft), str(qwen_target), out, max_seq_len=256, quantize={"draft": "int4", "target": "int8"},
-                block_size=32)
+                block_size=32, embedding="quantized")
     return out
 
 
@@ -137,3 +137,52 @@ def test_tensorrt_build_refuses_quantized_graphs(int4_engine):
     with pytest.raises(MtadError, match="int4-quantized.*--quantize none"):
         build_plans(int4_engine)
 
+
+
+def test_embedding_is_looked_up_from_block_quantized_rows(int4_engine, qwen_draft, qwen_target):
+    """The embedding table is stored as codes (GatherBlockQuantized), none of it as float: the codes
+    read back (plain numpy) are the role's block-wise quantization of the checkpoint's table."""
+    from transformers import AutoModelForCausalLM
+
+    from mtad_trt.export.quantize import dequantize_rows, fake_quantize
+
+    for role, src, bits in (("draft", qwen_draft, 4), ("target", qwen_target, 8)):
+        table = AutoModelForCausalLM.from_pretrained(str(src)).get_input_embeddings().weight.detach().numpy()
+        v, h = table.shape
+        nodes, init = graph(int4_engine / role / "model.onnx")
+        gathers = [n for n in nodes if n.op_type == "GatherBlockQuantized"]
+        assert len(gathers) == 1 and not [n for n in nodes if n.op_type == "Gather" and n.input[0] in init]
+        assert not [name for name, a in init.items() if a.dtype == np.float32 and a.shape == (v, h)]
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gathers[0].attribute}
+        assert (attrs["bits"], attrs["block_size"], attrs["gather_axis"], attrs["quantize_axis"]) == (bits, 32, 0, 1)
+        data, scales = init[gathers[0].input[0]], init[gathers[0].input[2]]
+        assert data.shape == (v, h * bits // 8) and scales.shape == (v, h // 32)
+        rows = dequantize_rows(data.reshape(v, h // 32, -1), scales, bits, 32, h)
+        np.testing.assert_allclose(rows, fake_quantize(table, bits, 32), rtol=0, atol=1e-6)
+        assert Manifest.load(int4_engine).roles[role].quantization["embedding"] == f"int{bits}"
+
+
+def test_the_export_check_sees_the_quantized_lookup(qwen_target, tmp_path, monkeypatch):
+    """Negative control: a reference that looks the embedding up in float (as if the graph did)
+    no longer matches the float-activation graph, and the export refuses."""
+    from mtad_trt.errors import MtadError
+    from mtad_trt.export import reference
+
+    monkeypatch.setattr(reference, "GATHER_KEY", "#not-quantized")
+    with pytest.raises(MtadError, match="relative error"):
+        export_pair(None, str(qwen_target), tmp_path / "e", max_seq_len=128, quantize={"target": "int4"},
+                    block_size=32, embedding="quantized")
+
+
+def test_embedding_float_keeps_the_table_and_costs_its_bytes(int4_engine, qwen_target, tmp_path):
+    """The default (--embedding float): the table is stored as it is; the quantized one saves its bytes."""
+    out = tmp_path / "float-table"
+    m = export_pair(None, str(qwen_target), out, max_seq_len=256, quantize={"target": "int8"}, block_size=32)
+    entry = m.roles["target"]
+    assert entry.quantization["embedding"] == "float"
+    nodes, _ = graph(out / "target" / "model.onnx")
+    assert not [n for n in nodes if n.op_type == "GatherBlockQuantized"]
+    v, h = entry.spec.vocab_size, 64
+    saved = v * h * 4 - (v * h + v * (h // 32) * 4)  # the float table, less int8 codes and scales
+    grown = entry.export["data_bytes"] - Manifest.load(int4_engine).roles["target"].export["data_bytes"]
+    assert abs(grown - saved) <= 2 * 4096  # each tensor starts on a 4 KiB boundary
