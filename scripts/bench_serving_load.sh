@@ -8,8 +8,10 @@
 # level also records where the batch's time went (model calls per phase vs host work, /metrics).
 #
 #   bash scripts/bench_serving_load.sh [ENGINES] [OUT_DIR]
-#   LONG_ONLY=1 bash scripts/bench_serving_load.sh engines/qwen2.5-coder docs/data/serving-long
+#   ONLY=long bash scripts/bench_serving_load.sh engines/qwen2.5-coder docs/data/serving-long
 #     (only the long-prompt runs: the defaults and --prefill-chunk 32)
+#   ONLY=throughput bash scripts/bench_serving_load.sh engines/qwen2.5-coder docs/data/serving-throughput-first
+#     (ar with the defaults, then mtad with --throughput-first)
 #
 # Needs a quiet machine. One JSON per (config, decoder) in OUT_DIR (default docs/data/serving-load).
 set -euo pipefail
@@ -40,11 +42,17 @@ run_config() {  # name, then "decoder[:levels[:long prompt tokens]]" entries, th
   stop_server "$name"
 }
 
-if [ -n "${LONG_ONLY:-}" ]; then
-  run_config defaults ar:4:1500 mtad:4:1500 --
-else
-  run_config defaults ar sps mtad ar:4:1500 mtad:4:1500 --
-  run_config no-prefix-cache ar sps mtad -- --prefix-cache-mb 0
-  run_config throughput-first mtad -- --throughput-first
-fi
-run_config chunk32 ar:4:1500 mtad:4:1500 -- --prefill-chunk 32
+case "${ONLY:-all}" in
+  long)
+    run_config defaults ar:4:1500 mtad:4:1500 --
+    run_config chunk32 ar:4:1500 mtad:4:1500 -- --prefill-chunk 32 ;;
+  throughput)
+    run_config defaults ar --
+    run_config throughput-first mtad -- --throughput-first ;;
+  all)
+    run_config defaults ar sps mtad ar:4:1500 mtad:4:1500 --
+    run_config no-prefix-cache ar sps mtad -- --prefix-cache-mb 0
+    run_config throughput-first mtad -- --throughput-first
+    run_config chunk32 ar:4:1500 mtad:4:1500 -- --prefill-chunk 32 ;;
+  *) echo "ONLY must be long, throughput or all" >&2; exit 2 ;;
+esac

@@ -311,8 +311,26 @@ def test_cost_model_interpolates_and_learns():
     m = CostModel({"target": {1: 1.0, 5: 2.0, 17: 5.0}}, decay=0.5)
     assert m.cost("target", 1, 3) == pytest.approx(1.5)  # between 1 and 5 tokens
     assert m.cost("target", 4, 5) == pytest.approx(5.0 + 3 * (20 - 17) / 12)  # beyond: the last segment extended
+    m.observe("target", 1, 5, 40.0)  # a shape's first call is the runtime's one-time work, not its cost
+    assert m.cost("target", 1, 5) == pytest.approx(2.0)
     m.observe("target", 1, 5, 4.0)
     assert m.cost("target", 5, 1) == pytest.approx(3.0)  # EMA of 2.0 and 4.0; keyed by rows·T
+
+
+def test_policy_prices_the_drafts_catch_up_call():
+    """A round's first draft call feeds the target's token, plus the last drafted one when the whole
+    block was accepted; one call serves all rows: 1 + P(some row accepted all)."""
+    for accepted, rows, want in ((4, 1, 2.0), (0, 1, 1.0), (0, 3, 1.0), (4, 3, 2.0)):
+        pol = _policy(EXPENSIVE_VERIFY, accepted=accepted)
+        assert pol._catch_up_width([("sps", 4, 1)] * rows) == pytest.approx(want)  # noqa: SLF001
+    pol = _policy(EXPENSIVE_VERIFY, accepted=0)
+    for _ in range(40):  # now half the rounds accept the whole block
+        pol.acceptance[("mtad", 2)].observe(4, 4)
+        pol.acceptance[("mtad", 2)].observe(4, 0)
+    half = pol.acceptance[("mtad", 2)]
+    p = half.hits[3] / half.trials[3]
+    assert 0.4 < p < 0.6
+    assert pol._catch_up_width([("mtad", 4, 2)] * 2) == pytest.approx(1 + 1 - (1 - p) ** 2)  # noqa: SLF001
 
 
 def test_tune_writes_the_table_the_auto_policy_loads(pair_engine, tmp_path, monkeypatch):
