@@ -1,6 +1,7 @@
 """Static-slot KV cache (docs/graph-contract.md §3), on the host (numpy) or a torch device, one design.
 
-Memory is allocated once, zeroed, at full capacity — and on the host committed then (`committed_zeros`). Each cache tensor is one flat buffer; the
+Memory is allocated once, zeroed, at full capacity (on the host also committed then:
+`committed_zeros`). Each cache tensor is one flat buffer; the
 current S bucket is the *prefix* of that buffer viewed as [B, Hkv, S, D], so the view handed to
 the graph is contiguous (IO binding and TensorRT addresses need that), sits at the same address
 for every bucket (CUDA graphs need that) and costs only the bucket's bytes of attention work.
@@ -11,8 +12,8 @@ change, never per step) and one reset policy serve both kinds:
 - **only rows that hold data move.** Rows enter the cache only through `keep`, `move` and `write`,
   so the cache knows the highest batch row written since the last reset (`live`); growing or
   shrinking re-lays out rows [0, live) alone. With 16 rows allocated and 5 in use, a long prompt's
-  growth to the 2,048-slot bucket moved all 16 rows (2.5 GB on the default pair: a 2 s stall for
-  every running stream); now it moves 5.
+  growth to the 2,048-slot bucket moved all 16 rows of every layer (and faulted the new region in):
+  ~2 s inside one iteration, which every running stream waited for; now 5 rows, 24 ms.
 - **nothing is zeroed after allocation.** Every element of a buffer is zero or a value some step
   wrote (re-layouts move whole elements), so it is finite, and the mask gives every slot a row has
   not committed weight exactly 0. Clearing 100+ MB per request or per growth would buy nothing.
