@@ -104,18 +104,27 @@ class RuntimeClient:
 
     def submit(self, request: Request, sink: Sink, streaming: bool = True) -> Handle:
         """Queue a prepared request; raises Busy (queue full) or ShuttingDown."""
+        return self.submit_many([(request, sink)], streaming)[0]
+
+    def submit_many(self, items: list[tuple[Request, Sink]], streaming: bool = True) -> list[Handle]:
+        """Queue prepared requests all or none (a request's n choices or list of prompts): raises
+        Busy when they do not all fit the queue, and then none of them was queued — none can have
+        started in a batch row meanwhile, as one-by-one submission with cancel-back allowed."""
         self.start()
-        handle = Handle(request, sink, streaming)
+        handles = [Handle(request, sink, streaming) for request, sink in items]
         with self._cond:
             if self._stopping:
                 raise ShuttingDown("the server is shutting down")
-            if self._waiting() >= self.max_queue:
-                raise Busy(f"the request queue is full ({self.max_queue} waiting); retry later")
-            self._incoming.append(handle)
-            self._handles[id(request)] = handle
+            waiting = self._waiting()
+            if waiting + len(handles) > self.max_queue:
+                need = "" if len(handles) == 1 else f"; this request needs {len(handles)} places"
+                raise Busy(f"the request queue is full ({waiting} of {self.max_queue} waiting{need}); retry later")
+            self._incoming.extend(handles)
+            for handle in handles:
+                self._handles[id(handle.request)] = handle
             self._report_waiting()
             self._cond.notify()
-        return handle
+        return handles
 
     def cancel(self, handle: Handle) -> None:
         """Thread-safe: drop a waiting request, or end a running one at the next iteration."""

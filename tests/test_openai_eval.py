@@ -395,6 +395,30 @@ def test_bad_requests_through_the_client(client):
 
 
 # -- a request's choices are queued all or none ----------------------------------------------------------
+def test_submit_many_queues_all_or_none(pair_engine, monkeypatch):
+    """The runtime takes a request's choices together: when they do not all fit, none is queued
+    (so none can start in a row before the refusal, as with one-by-one submission)."""
+    from types import SimpleNamespace
+
+    from mtad_trt.client import RuntimeClient
+    from mtad_trt.errors import Busy
+
+    with Pipeline.load(pair_engine, backend="ort") as pipe:
+        client = RuntimeClient(pipe, max_queue=3)
+        monkeypatch.setattr(client, "start", lambda: None)  # no runtime thread: nothing leaves the queue
+        sink = SimpleNamespace()
+        for t in (5, 6):
+            client.submit(pipe.prepare([t, 8], max_new_tokens=2), sink)
+        with pytest.raises(Busy, match=r"2 of 3 waiting; this request needs 2 places"):
+            client.submit_many([(pipe.prepare([7, 8], max_new_tokens=2), sink),
+                                (pipe.prepare([9, 8], max_new_tokens=2), sink)])
+        assert client._waiting() == 2 and len(client._handles) == 2  # noqa: SLF001
+        assert len(client.submit_many([(pipe.prepare([7, 8], max_new_tokens=2), sink)])) == 1
+        assert client._waiting() == 3  # noqa: SLF001
+        with pytest.raises(Busy, match=r"queue is full \(3 of 3 waiting\)"):
+            client.submit(pipe.prepare([9, 8], max_new_tokens=2), sink)
+
+
 def test_choices_that_do_not_all_fit_the_queue_are_all_refused(pair_engine, monkeypatch):
     with Pipeline.load(pair_engine, backend="ort") as pipe:  # one row: the rest wait
         gate, order = threading.Event(), []

@@ -104,14 +104,13 @@ class OpenAIServing:
         if shape.logprobs is not None:
             shape.tokens = await self.token_table()
         loop = asyncio.get_running_loop()
-        try:
-            for c, request in zip(choices, prepared, strict=True):
-                job = Job(loop)
-                job.handle = self.client.submit(request, job, streaming=req.stream)
-                c.job = job
-        except MtadError as e:  # the queue filled (or the server is stopping) part-way: none of it runs
-            self._cancel(choices)
+        jobs = [Job(loop) for _ in choices]
+        try:  # all or none: the choices of a request are queued together
+            handles = self.client.submit_many(list(zip(prepared, jobs, strict=True)), streaming=req.stream)
+        except MtadError as e:
             raise as_api_error(e, self.settings.retry_after_s) from e
+        for c, job, handle in zip(choices, jobs, handles, strict=True):
+            job.handle, c.job = handle, job
         if req.stream:
             events = self._stream_events(choices, shape, req.include_usage)
             return StreamingResponse(events, media_type="text/event-stream",
