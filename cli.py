@@ -318,6 +318,9 @@ def generate(engines, backend, device, threads, decoder, gamma, beam_width, thre
               help="Host memory for cached prompt prefixes (both models; 0 = off; default: min(512, 1/8 of "
                    "available memory)).")
 @click.option("--max-queue", default=64, show_default=True, help="Requests that may wait for a row; more get 429.")
+@click.option("--logprobs-mode", type=click.Choice(["raw", "processed"]), default="raw", show_default=True,
+              help="Generated tokens' logprobs: raw = log-softmax of the target's logits (vLLM's default); "
+                   "processed = of the distribution the token was drawn from (after temperature, top-k, top-p).")
 @click.option("--model-name", help="Model id clients send (default: the engine folder's name).")
 @click.option("--max-body-bytes", default=1 << 20, show_default=True, help="Larger request bodies get 413.")
 @click.option("--drain-timeout", default=30.0, show_default=True, help="On SIGTERM: seconds accepted requests may still run.")
@@ -332,8 +335,8 @@ def generate(engines, backend, device, threads, decoder, gamma, beam_width, thre
               help="With --replicas: seconds the replicas may take to become healthy before the deploy is abandoned.")
 @friendly
 def serve(engines, backend, device, threads, host, port, api_key, decoder, gamma, beam_width, threshold,
-          max_batch, prefill_chunk, spec_policy, throughput_first, prefix_cache_mb, max_queue, model_name,
-          max_body_bytes, drain_timeout,
+          max_batch, prefill_chunk, spec_policy, throughput_first, prefix_cache_mb, max_queue, logprobs_mode,
+          model_name, max_body_bytes, drain_timeout,
           replicas, ray_address, gpus_per_replica, cpus_per_replica, deploy_timeout) -> None:
     """Serve an engine folder over an OpenAI-compatible HTTP API (see docs/serve.md)."""
     try:
@@ -346,7 +349,8 @@ def serve(engines, backend, device, threads, host, port, api_key, decoder, gamma
         prefill_chunk=prefill_chunk, spec_policy=spec_policy, throughput_first=throughput_first,
         prefix_cache_mb=prefix_cache_mb, model_name=model_name, api_key=api_key,
         max_queue=max_queue, max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout,
-        defaults=dict(decoder=decoder, gamma=gamma, beam_width=beam_width, threshold=threshold))
+        defaults=dict(decoder=decoder, gamma=gamma, beam_width=beam_width, threshold=threshold,
+                      logprobs_mode=logprobs_mode))
     if replicas is None:
         for flag, value in (("--ray-address", ray_address), ("--gpus-per-replica", gpus_per_replica),
                             ("--cpus-per-replica", cpus_per_replica)):

@@ -91,3 +91,55 @@ def test_prompt_logprobs_bypass_the_prefix_cache(pair_engine):
         assert out.stats.cached_tokens == 0 and len(out.prompt_logprobs) == len(long)
         again = pipe.generate(long, max_new_tokens=2, temperature=0)
         assert again.stats.cached_tokens == 48
+
+
+def _processed_reference(logits_row: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+    """temperature, then top-k, then top-p (the smallest set of most likely tokens whose mass
+    reaches top_p), in plain numpy; log of the result (-inf outside the support)."""
+    x = logits_row.astype(np.float64) / temperature
+    if top_k:
+        x = np.where(x >= np.sort(x)[-top_k], x, -np.inf)
+    p = np.exp(x - x.max())
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    keep = np.cumsum(p[order]) - p[order] < top_p  # a token is kept while the mass before it is < top_p
+    q = np.zeros_like(p)
+    q[order[keep]] = p[order[keep]]
+    q /= q.sum()
+    with np.errstate(divide="ignore"):
+        return np.log(q)
+
+
+@pytest.mark.parametrize("settings", DECODERS, ids=lambda s: s["decoder"])
+def test_processed_logprobs_are_the_distribution_each_token_was_drawn_from(self_pipeline, qwen_target, settings):
+    """--logprobs-mode processed: the target's row after temperature, top-k and top-p, from an
+    independent numpy reading of transformers' logits; every drawn token lies in that support, and
+    the mode changes what is reported, never what is sampled."""
+    from transformers import AutoModelForCausalLM
+
+    sampling = dict(temperature=0.7, top_k=6, top_p=0.8, seed=5, max_new_tokens=16, ignore_eos=True, logprobs=8)
+    out = self_pipeline.generate(PROMPT, logprobs_mode="processed", **sampling, **settings)
+    raw = self_pipeline.generate(PROMPT, **sampling, **settings)
+    assert out.token_ids == raw.token_ids
+    model = AutoModelForCausalLM.from_pretrained(str(qwen_target), dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([PROMPT + out.token_ids])).logits[0].numpy()
+    for i, lp in enumerate(out.logprobs):
+        ref = _processed_reference(logits[len(PROMPT) - 1 + i], 0.7, 6, 0.8)
+        assert lp.logprob > -np.inf and abs(lp.logprob - ref[lp.token]) <= 1e-4, (i, lp.logprob, ref[lp.token])
+        support = int(np.isfinite(ref).sum())
+        got = [v for _, v in lp.top]
+        assert len(got) == 8 and got == sorted(got, reverse=True)
+        np.testing.assert_allclose(got[:support], np.sort(ref)[::-1][:support], atol=1e-4)
+        assert all(v == -np.inf for v in got[support:])  # past the support (the server sends its floor)
+        if support <= 8:  # the whole support is listed: its probabilities sum to 1
+            assert abs(np.logaddexp.reduce(got[:support])) <= 1e-6
+    greedy = self_pipeline.generate(PROMPT, logprobs_mode="processed", temperature=0, max_new_tokens=4,
+                                    ignore_eos=True, logprobs=2, **settings)
+    assert [lp.logprob for lp in greedy.logprobs] == [0.0] * 4  # one-hot: the drawn token is certain
+
+
+def test_logprobs_mode_is_checked(pair_pipeline):
+    with pytest.raises(MtadError, match="logprobs_mode must be one of raw, processed") as e:
+        pair_pipeline.prepare(PROMPT, logprobs=1, logprobs_mode="softmax")
+    assert e.value.param == "logprobs_mode"

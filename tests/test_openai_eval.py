@@ -327,6 +327,19 @@ def test_streaming_several_choices(client):
         assert chat[0].choices[0].delta.role == "assistant"
 
 
+def test_server_started_with_processed_logprobs(pair_engine):
+    """`serve --logprobs-mode processed` (a server default): at temperature 0 the drawn token is
+    certain (0.0) and every other token is outside the one-hot support (sent as the floor)."""
+    with Pipeline.load(pair_engine, backend="ort") as pipe:
+        app = create_app(pipe, ServerSettings(model_name=MODEL, defaults={"logprobs_mode": "processed"}))
+        with ServerThread(app) as url, httpx.Client(base_url=url, trust_env=False, timeout=30) as c:
+            r = c.post("/v1/completions", json={"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 4,
+                                                "temperature": 0, "logprobs": 2, "ignore_eos": True})
+    lp = r.json()["choices"][0]["logprobs"]
+    assert lp["token_logprobs"] == [0.0] * 4
+    assert [list(top.values()) for top in lp["top_logprobs"]] == [[0.0, LOGPROB_FLOOR]] * 4
+
+
 # -- the formatting, offline --------------------------------------------------------------------------
 def test_infinite_logprobs_are_sent_as_a_floor(table):
     lp = TokenLogprob(5, -math.inf, ((6, -1.0), (5, -math.inf)))

@@ -16,6 +16,7 @@ DECODERS = ("ar", "sps", "mtad", "mmtad")
 
 
 MAX_LOGPROBS = 20  # the most alternatives per token a request may ask for (vLLM's default limit)
+LOGPROBS_MODES = ("raw", "processed")  # engine/logprobs.py: before, or after, temperature / top-k / top-p
 
 
 @dataclass
@@ -30,6 +31,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # k: each generated token's log-probability and the k most likely (0..MAX_LOGPROBS)
     prompt_logprobs: int | None = None  # k for every prompt token but the first (computed in the prefill)
+    logprobs_mode: str = "raw"  # generated tokens' log-probs: raw target logits, or the processed distribution
 
     def validate(self) -> None:
         if self.temperature < 0:
@@ -38,6 +40,9 @@ class SamplingParams:
             raise MtadError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise MtadError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise MtadError(f"logprobs_mode must be one of {', '.join(LOGPROBS_MODES)}, got {self.logprobs_mode!r}",
+                            param="logprobs_mode")
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(self, name)
             if k is not None and not 0 <= k <= MAX_LOGPROBS:

@@ -72,8 +72,10 @@ class DecodeState:
         """Hand out `tokens`, token i sampled from the target's logits row `rows[i]` (the rows
         give each token's log-probability when the request asked for them)."""
         self.emitted += tokens
-        if self.sampling.logprobs is not None:
-            self.emitted_logprobs += token_logprobs(logits, rows, tokens, self.sampling.logprobs)
+        sp = self.sampling
+        if sp.logprobs is not None:
+            processed = sp if sp.logprobs_mode == "processed" else None
+            self.emitted_logprobs += token_logprobs(logits, rows, tokens, sp.logprobs, processed)
 
     def row(self, role: str) -> Row:
         row = self.target if role == "target" else self.draft
