@@ -130,8 +130,8 @@ def models_list() -> None:
                    "(e.g. draft=int8,target=same): a small draft loses most in its LM head.")
 @click.option("--embedding", type=click.Choice(["float", "quantized"]), default="float", show_default=True,
               help="Embedding table of quantized graphs: float, or quantized in the role's scheme (ONNX "
-                   "Runtime's GatherBlockQuantized): 43% smaller engine folders for the default pair, same "
-                   "speed and perplexity (docs/export.md).")
+                   "Runtime's GatherBlockQuantized): 43% smaller engine folders for the default pair, step "
+                   "times and perplexity within noise (docs/export.md).")
 @click.option("--topk-head", default=64, show_default=True,
               help="Top-k head width in the graph (top-k sampling and greedy without reading the full logits; 0 = none).")
 @click.option("--attention", type=click.Choice(["grouped", "eager"]), default="grouped", show_default=True,

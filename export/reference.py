@@ -212,8 +212,9 @@ def streamed_logits(model: nn.Module, source: TensorSource, ids: list[int], keep
             w = source.read(head_name, rows)
             b = None if bias_name is None else torch.from_numpy(source.read(bias_name, rows))
             out = nn.functional.linear(hidden[:1].float(), torch.from_numpy(w), b)
-            if fake is not None:
-                wq = torch.from_numpy(fake(head_name, w))
+            if fake is not None:  # the quantized row; an LM head kept float (--lm-head float) is w itself
+                q = fake(head_name, w)
+                wq = torch.from_numpy(w if q is None else np.ascontiguousarray(q, dtype=np.float32))
                 out = torch.cat([out, nn.functional.linear(hidden[1:].float(), wq, b)], 0)
             parts.append(out)
         return torch.cat(parts, dim=-1)

@@ -186,3 +186,22 @@ def test_embedding_float_keeps_the_table_and_costs_its_bytes(int4_engine, qwen_t
     saved = v * h * 4 - (v * h + v * (h // 32) * 4)  # the float table, less int8 codes and scales
     grown = entry.export["data_bytes"] - Manifest.load(int4_engine).roles["target"].export["data_bytes"]
     assert abs(grown - saved) <= 2 * 4096  # each tensor starts on a 4 KiB boundary
+
+
+def test_quantized_table_beside_a_float_lm_head_on_a_tied_model(llama_target, tmp_path):
+    """Tied embedding (the LM head reads the same checkpoint tensor) with --lm-head float: the lookup
+    is quantized, the vocabulary matmul stays float, and the export's reference models both (it used
+    to fail on any --lm-head float export: the fake quantizer has nothing for a float head)."""
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(str(llama_target)).tie_word_embeddings
+    m = export_pair(None, str(llama_target), tmp_path / "e", max_seq_len=128, quantize={"target": "int4"},
+                    block_size=32, embedding="quantized", lm_head="float")
+    entry = m.roles["target"]
+    assert (entry.quantization["embedding"], entry.quantization["lm_head"]) == ("int4", "float")
+    assert entry.parity["full_model"]["passed"] and entry.parity["full_model"]["value"] < 1e-4
+    nodes, init = graph(tmp_path / "e" / "target" / "model.onnx")
+    assert [n.op_type for n in nodes].count("GatherBlockQuantized") == 1
+    vocab = entry.spec.vocab_size
+    head = [n for n in nodes if n.op_type == "MatMul" and n.input[1] in init and init[n.input[1]].shape[-1] == vocab]
+    assert len(head) == 1 and init[head[0].input[1]].dtype == np.float32

@@ -53,6 +53,7 @@ class CostModel:
     cost but ONNX Runtime's one-time work for a new shape (measured up to 5× a step). Taken as a
     cost, it kept a plain 4-row step priced at 88 ms instead of 60, the policy never chose that
     step again to correct it, and --throughput-first served 4 MTAD streams at 0.66× plain decoding.
+    (A new S bucket also costs once per shape; those first calls are still learned, and decay.)
     """
 
     def __init__(self, points: dict[str, dict[int, float]] | None = None, decay: float = 0.8) -> None:
@@ -115,6 +116,12 @@ class Acceptance:
                 last = self.hits[i] / self.trials[i]
             out += last
         return out
+
+    def rate(self, i: int) -> float:
+        """α_i: how often rounds accepted at least i+1 tokens (an untried position: the deepest tried
+        one's rate, as in `expected`; nothing tried yet: 1, the costlier assumption)."""
+        tried = [j for j in range(i + 1) if self.trials.get(j, 0) > 0]
+        return self.hits[tried[-1]] / self.trials[tried[-1]] if tried else 1.0
 
 
 def probe_costs(runner: ModelRunner, role: str, shapes: list[tuple[int, int]], reps: int = 2) -> dict[int, float]:
@@ -221,9 +228,7 @@ class SpeculationPolicy:
         all: 1 + P(some row did)."""
         none_full = 1.0
         for d, g, b in drafting:
-            acc = self.acceptance[(d, b)]
-            full = acc.hits[g - 1] / acc.trials[g - 1] if acc.trials[g - 1] > 0 else 1.0
-            none_full *= 1.0 - full
+            none_full *= 1.0 - self.acceptance[(d, b)].rate(g - 1)
         return 2.0 - none_full
 
     def _throughput(self, running: list[Request], flexible: list[Request], choice: tuple[int, int]) -> float:
