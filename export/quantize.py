@@ -68,6 +68,16 @@ def fake_quantize(w: np.ndarray, bits: int, block_size: int) -> np.ndarray:
 
 
 
+def _swap(graph: ir.Graph, node: ir.Node, new: ir.Node) -> None:
+    """Put `new` where `node` was: its output takes over the old output's name, shape, type and uses."""
+    graph.insert_before(node, new)
+    old_out = node.outputs[0]
+    ir.convenience.replace_all_uses_with(old_out, new.outputs[0], replace_graph_outputs=True)
+    new.outputs[0].name, old_out.name = old_out.name, None
+    new.outputs[0].shape, new.outputs[0].type = old_out.shape, old_out.type
+    graph.remove(node, safe=True)
+
+
 def quantize_matmuls(graph_model: ir.Model, entries: list[Entry], bits: int, block_size: int,
                      vocab_size: int, lm_head_bits: int | None = None, accuracy_level: int = 4) -> list[Entry]:
     """Every MatMul over a stored Wᵀ -> MatMulNBits over W's block-quantized rows.
@@ -102,12 +112,7 @@ def quantize_matmuls(graph_model: ir.Model, entries: list[Entry], bits: int, blo
             attrs["accuracy_level"] = accuracy_level
         new = ir.node("MatMulNBits", inputs=[node.inputs[0], codes, scales], attributes=attrs,
                       domain="com.microsoft", name=f"{node.name}_Q{b}")
-        graph.insert_before(node, new)
-        old_out = node.outputs[0]
-        ir.convenience.replace_all_uses_with(old_out, new.outputs[0], replace_graph_outputs=True)
-        new.outputs[0].name, old_out.name = old_out.name, None
-        new.outputs[0].shape, new.outputs[0].type = old_out.shape, old_out.type
-        graph.remove(node, safe=True)
+        _swap(graph, node, new)
         out.append(Entry(codes, ir.DataType.UINT8, (n, kb, blob), source=e.source,
                          quant={"bits": b, "block_size": block_size}, scales=scales))
         count += 1
@@ -157,12 +162,7 @@ def quantize_gathers(graph_model: ir.Model, entries: list[Entry], bits: int, blo
         new = ir.node("GatherBlockQuantized", inputs=[codes, node.inputs[1], scales], domain="com.microsoft",
                       attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": block_size, "bits": bits},
                       name=f"{node.name}_G{bits}")
-        graph.insert_before(node, new)
-        old_out = node.outputs[0]
-        ir.convenience.replace_all_uses_with(old_out, new.outputs[0], replace_graph_outputs=True)
-        new.outputs[0].name, old_out.name = old_out.name, None
-        new.outputs[0].shape, new.outputs[0].type = old_out.shape, old_out.type
-        graph.remove(node, safe=True)
+        _swap(graph, node, new)
         out.append(Entry(codes, ir.DataType.UINT8, (v, h * bits // 8), source=e.source,
                          quant={"bits": bits, "block_size": block_size, "key": e.source + GATHER_KEY}, scales=scales))
         if not e.value.uses():
